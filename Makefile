@@ -1,0 +1,32 @@
+# dllm_rl: `make run` runs the main job, `make test` runs the test suite; both install first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build of torch (lies on local disk on CPU machines); on a GPU machine: make TORCH_SPEC='torch==<cuda build>'
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# DeepSpeed JIT-builds its CPU shared-memory collective on first use; build it now, not in the first run.
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	touch $(STAMP)
+
+run: install
+	$(PY) -m dllm_rl objective=elbo task=sudoku
+
+test: install
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check dllm_rl tests
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,76 @@
+"""Atomic DeepSpeed checkpoints.
+
+DeepSpeed's ``save_checkpoint`` writes shards in place, so a crash mid-save would leave a
+half-written directory under its final name. Here every checkpoint is written under a temporary
+name, renamed into place when complete, and only then recorded in ``latest``: a reader sees the
+previous checkpoint or the new one, never a partial one. Each checkpoint also carries a
+``save_pretrained`` export (hf/) that loads with ``model.path=<checkpoint>/hf``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from dllm_rl.models.policy import Policy
+
+LATEST = "latest"
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(engine: Any, policy: Policy, root: Path, tag: str, client_state: dict[str, Any], keep_last: int) -> Path:
+    """Save a complete checkpoint as root/<tag> (collective: every rank calls it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".staging-{tag}"
+    if _is_main():
+        shutil.rmtree(staging, ignore_errors=True)
+    _barrier()
+    engine.save_checkpoint(str(staging), tag=tag, client_state=client_state)
+    _barrier()
+    final = root / tag
+    if _is_main():
+        policy.save(staging / tag / "hf")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging / tag, final)
+        shutil.rmtree(staging, ignore_errors=True)
+        write_text_atomic(root / LATEST, tag)
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` step checkpoints (named step_<n>); others like 'final' stay."""
+    steps = sorted(
+        (int(m.group(1)), p) for p in root.iterdir() if (m := re.fullmatch(r"step_(\d+)", p.name)) and p.is_dir()
+    )
+    for _, path in steps[:-keep_last] if keep_last > 0 else steps:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def latest(root: Path) -> Path | None:
+    """The checkpoint named by root/latest, if it exists and is complete."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if path.is_dir() else None

@@ -1,0 +1,13 @@
+"""One exception type for every problem a user can fix (bad config, missing file, bad data row).
+
+The entry point prints these as a single line and exits non-zero; anything else is a bug and keeps
+its traceback.
+"""
+
+
+class DllmRlError(Exception):
+    """A user-facing error: the message names the field, file or row at fault."""
+
+
+class ConfigError(DllmRlError):
+    """A configuration value is invalid or inconsistent with another one."""

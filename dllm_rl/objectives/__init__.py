@@ -1,0 +1,20 @@
+"""RL objectives: one file each, registered by name (`objective=<name>`)."""
+
+from dllm_rl.objectives import elbo  # noqa: F401  (registers the objective)
+from dllm_rl.objectives.base import (
+    OBJECTIVES,
+    Objective,
+    RolloutBatch,
+    get_objective,
+    group_mean_advantages,
+    register_objective,
+)
+
+__all__ = [
+    "OBJECTIVES",
+    "Objective",
+    "RolloutBatch",
+    "get_objective",
+    "group_mean_advantages",
+    "register_objective",
+]

@@ -1,0 +1,98 @@
+"""What every objective plugs into: the rollout batch, the Objective interface and its registry."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from dllm_rl.errors import ConfigError
+from dllm_rl.likelihood.masks import MaskDraw, mask_seed, sample_masks
+
+
+@dataclass
+class RolloutBatch:
+    """One rollout round on this process: G completions for each of its prompts, scored."""
+
+    prompt_ids: torch.Tensor  # [N, P] left-padded
+    prompt_attention: torch.Tensor  # [N, P] 1 = real token
+    completion_ids: torch.Tensor  # [N, L]
+    completion_mask: torch.Tensor  # [N, L] bool: valid positions v_i (up to and including the first EOS)
+    group_index: torch.Tensor  # [N] which prompt each completion answers
+    sample_uid: torch.Tensor  # [N] global id inside the round (seeds the masks)
+    rewards: torch.Tensor  # [N] total reward
+    reward_parts: dict[str, torch.Tensor]  # name -> [N]
+    advantages: torch.Tensor  # [N]
+    round: int  # rollout round number
+    extras: dict[str, Any] = field(default_factory=dict)  # what an objective precomputes in prepare()
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def select(self, index: torch.Tensor | slice) -> RolloutBatch:
+        """A micro-batch: the same fields restricted to ``index`` along the sample dimension."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value[index]
+            elif f.name in ("reward_parts", "extras"):
+                value = {k: v[index] if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+            out[f.name] = value
+        return RolloutBatch(**out)
+
+
+def group_mean_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A_j = r_j − mean of its group (no std scaling); groups are consecutive runs of group_size."""
+    r = rewards.view(-1, group_size)
+    return (r - r.mean(dim=1, keepdim=True)).view(-1)
+
+
+class Objective(abc.ABC):
+    """A policy loss computed from a RolloutBatch.
+
+    ``prepare`` runs once per rollout round without gradients (old/reference scores, weights);
+    ``loss`` runs for every micro-batch of every inner step and returns (scalar loss, metrics).
+    """
+
+    name: str = ""
+
+    def __init__(self, cfg: Mapping[str, Any], seed: int) -> None:
+        self.cfg = cfg
+        self.seed = seed
+
+    def advantages(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+        return group_mean_advantages(rewards, group_size)
+
+    def prepare(self, batch: RolloutBatch, policy: Any) -> None:  # noqa: B027  (optional hook)
+        """Precompute per-round quantities into batch.extras (nothing by default)."""
+
+    @abc.abstractmethod
+    def loss(self, batch: RolloutBatch, policy: Any, inner_step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def draw_masks(self, batch: RolloutBatch, inner_step: int, replicates: int, slot: str = "") -> MaskDraw:
+        """Masks for this micro-batch, one generator per sample seeded by (seed, round, step, uid)."""
+        seeds = [mask_seed(self.seed, batch.round, inner_step, slot, int(u)) for u in batch.sample_uid.tolist()]
+        return sample_masks(self.cfg["mask"], batch.completion_mask, batch.prompt_attention.bool(), replicates, seeds)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
+    def wrap(cls: type[Objective]) -> type[Objective]:
+        cls.name = name
+        OBJECTIVES[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_objective(cfg: Mapping[str, Any], seed: int) -> Objective:
+    name = cfg["name"]
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective.name={name!r} is unknown; available: {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[name](cfg, seed)

@@ -1,0 +1,587 @@
+"""4x4 Sudoku in the compact character-level format (tasks.md §4).
+
+prompt = the 16-character puzzle (row-major, '0' = empty); completion = the 16 solution digits.
+
+Data comes from an in-memory generator (§4.3) or from local CSV / JSONL files (§4.2). The generator
+splits the 288 valid grids into disjoint train / test solution sets by default ("leak_free"), so a
+model cannot pass the test set by memorising solutions; `split: d1` draws both sides from all 288
+grids (the shared-solution setting of d1, not leak-free). The validation split is always made from
+training grids, so model selection never looks at test grids.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from dllm_rl.errors import ConfigError
+from dllm_rl.tasks.base import SPLITS, DataError, Task, check_split, register_task
+
+GRID_CELLS = 16
+GRID_DIGITS = "1234"
+NUM_GRIDS = 288
+# The compact format has no answer tags, so the reward scans raw text; capping the scan keeps the
+# reward O(1) on degenerate multi-megabyte completions.
+MAX_SCAN_CHARS = 4096
+# Bump when generation changes so old on-disk caches are not reused for new semantics.
+GENERATOR_VERSION = 1
+
+_ASCII_DIGITS = frozenset("0123456789")
+_PUZZLE_CHARS = frozenset("01234")
+_FEATURES = datasets.Features(
+    {
+        "prompt": datasets.Value("string"),
+        "puzzle": datasets.Value("string"),
+        "solution": datasets.Value("string"),
+    }
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Grid helpers (pure)
+
+
+def _units() -> tuple[tuple[int, ...], ...]:
+    """Rows, columns and 2x2 boxes as tuples of cell indices (row-major)."""
+    rows = [tuple(4 * r + c for c in range(4)) for r in range(4)]
+    cols = [tuple(4 * r + c for r in range(4)) for c in range(4)]
+    boxes = [tuple(4 * (br + r) + bc + c for r in range(2) for c in range(2)) for br in (0, 2) for bc in (0, 2)]
+    return tuple(rows + cols + boxes)
+
+
+UNITS = _units()
+# PEERS[i]: the other cells sharing a row, column or box with cell i.
+PEERS: tuple[frozenset[int], ...] = tuple(
+    frozenset(j for unit in UNITS if i in unit for j in unit if j != i) for i in range(GRID_CELLS)
+)
+
+
+@functools.cache
+def _grids() -> tuple[str, ...]:
+    """All valid 4x4 grids in lexicographic order, by backtracking over the 16 cells."""
+    found: list[str] = []
+    cells = [""] * GRID_CELLS
+
+    def fill(i: int) -> None:
+        if i == GRID_CELLS:
+            found.append("".join(cells))
+            return
+        used = {cells[j] for j in PEERS[i] if j < i}
+        for d in GRID_DIGITS:
+            if d not in used:
+                cells[i] = d
+                fill(i + 1)
+        cells[i] = ""
+
+    fill(0)
+    assert len(found) == NUM_GRIDS, f"expected {NUM_GRIDS} grids, enumerated {len(found)}"
+    return tuple(found)
+
+
+def all_grids() -> list[str]:
+    """The 288 valid 4x4 Sudoku grids as 16-character strings (sorted; a fresh list each call)."""
+    return list(_grids())
+
+
+def is_valid_grid(s: str) -> bool:
+    """True if s is 16 digits 1-4 with every row, column and box holding 1-4 exactly once."""
+    if not isinstance(s, str) or len(s) != GRID_CELLS or any(ch not in GRID_DIGITS for ch in s):
+        return False
+    return all(len({s[i] for i in unit}) == 4 for unit in UNITS)
+
+
+def consistent(puzzle: str, grid: str) -> bool:
+    """True if every given (non-'0') cell of the puzzle has the same digit in the grid."""
+    if len(puzzle) != GRID_CELLS or len(grid) != GRID_CELLS:
+        return False
+    return all(p == "0" or p == g for p, g in zip(puzzle, grid, strict=True))
+
+
+@functools.cache
+def _grid_masks() -> dict[tuple[int, str], int]:
+    """(cell, digit) -> bitmask over the 288 grids that have `digit` at `cell`."""
+    masks = {(i, d): 0 for i in range(GRID_CELLS) for d in GRID_DIGITS}
+    for k, grid in enumerate(_grids()):
+        for i, d in enumerate(grid):
+            masks[(i, d)] |= 1 << k
+    return masks
+
+
+def count_completions(puzzle: str, limit: int | None = None) -> int:
+    """Number of valid grids consistent with the puzzle's givens, capped at `limit` if given.
+
+    Every completion is one of the 288 grids, so intersecting per-given bitmasks counts them
+    exactly in a few integer operations (fast enough to filter whole training sets).
+    """
+    if not isinstance(puzzle, str) or len(puzzle) != GRID_CELLS or any(ch not in _PUZZLE_CHARS for ch in puzzle):
+        return 0
+    masks = _grid_masks()
+    alive = (1 << NUM_GRIDS) - 1
+    for i, ch in enumerate(puzzle):
+        if ch != "0":
+            alive &= masks[(i, ch)]
+    count = alive.bit_count()
+    return count if limit is None else min(count, limit)
+
+
+def extract_digits(text: str) -> str:
+    """The ASCII digits 0-9 of the first MAX_SCAN_CHARS characters of text, in order.
+
+    Only ASCII digits count: str.isdigit() would accept e.g. Arabic-Indic digits, which are not
+    Sudoku answers.
+    """
+    if not isinstance(text, str):
+        return ""
+    return "".join(ch for ch in text[:MAX_SCAN_CHARS] if ch in _ASCII_DIGITS)
+
+
+def answer_grid(text: str) -> str:
+    """The 16-character answer read from a completion: its digits, right-padded with '0' / truncated."""
+    return extract_digits(text)[:GRID_CELLS].ljust(GRID_CELLS, "0")
+
+
+def blank_cell_counts(answer: str, puzzle: str, solution: str) -> tuple[int, int]:
+    """(empty cells filled with the stored solution digit, number of empty cells) of a puzzle."""
+    blanks = [i for i, ch in enumerate(puzzle) if ch == "0"]
+    correct = sum(1 for i in blanks if i < len(answer) and i < len(solution) and answer[i] == solution[i])
+    return correct, len(blanks)
+
+
+def is_valid_solve(answer: str, puzzle: str) -> bool:
+    """The answer is a valid grid agreeing with the givens (not necessarily the stored solution)."""
+    return is_valid_grid(answer) and consistent(puzzle, answer)
+
+
+def sudoku_reward(completion: str, puzzle: str, solution: str, credit_alternative: bool = True) -> float:
+    """Training reward in [0, 1]: fraction of empty cells matching the stored solution (tasks.md §4.5).
+
+    With credit_alternative (bug #1 of §4.7), any valid completion of the givens earns 1.0, because
+    puzzles may have several solutions and the stored one is an arbitrary pick.
+    """
+    answer = answer_grid(completion)
+    if credit_alternative and is_valid_solve(answer, puzzle):
+        return 1.0
+    correct, blanks = blank_cell_counts(answer, puzzle, solution)
+    if blanks == 0:  # nothing to fill: only a literal match counts (avoids 0/0)
+        return 1.0 if answer == solution else 0.0
+    return correct / blanks
+
+
+def sudoku_metrics(completions: Sequence[str], puzzles: Sequence[str], solutions: Sequence[str]) -> dict[str, float]:
+    """cell_acc (micro average over empty cells, reference metric §4.6), exact_solve, valid_solve."""
+    if not len(completions) == len(puzzles) == len(solutions):
+        raise ValueError(f"got {len(completions)} completions for {len(puzzles)} examples")
+    correct = blanks = exact = valid = 0
+    for text, puzzle, solution in zip(completions, puzzles, solutions, strict=True):
+        answer = answer_grid(text)
+        c, b = blank_cell_counts(answer, puzzle, solution)
+        correct, blanks = correct + c, blanks + b
+        exact += answer == solution
+        valid += is_valid_solve(answer, puzzle)
+    n = len(completions)
+    return {
+        "cell_acc": correct / blanks if blanks else 0.0,
+        "exact_solve": exact / n if n else 0.0,
+        "valid_solve": valid / n if n else 0.0,
+    }
+
+
+def row_problem(puzzle: Any, solution: Any) -> str | None:
+    """What is wrong with a (puzzle, solution) data row, or None if it is well-formed."""
+    for label, value, allowed in (("puzzle", puzzle, "01234"), ("solution", solution, GRID_DIGITS)):
+        if not isinstance(value, str):
+            return f"{label} must be a string, got {type(value).__name__} {_preview(value)}"
+        if len(value) != GRID_CELLS:
+            return f"{label} must have {GRID_CELLS} characters, got {len(value)}: {_preview(value)}"
+        for i, ch in enumerate(value):
+            if ch not in allowed:
+                return f"{label} has {ch!r} at position {i + 1}; allowed digits are {allowed}"
+    if not is_valid_grid(solution):
+        return f"solution {solution} is not a valid 4x4 Sudoku grid"
+    if not consistent(puzzle, solution):
+        cell = next(i for i, (p, s) in enumerate(zip(puzzle, solution, strict=True)) if p not in ("0", s))
+        return f"puzzle given {puzzle[cell]!r} at position {cell + 1} disagrees with solution {solution[cell]!r}"
+    return None
+
+
+def _preview(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _as_bool(value: Any) -> bool:
+    """bool() would read the string "false" as True."""
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected a boolean, got {value!r}")
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)
+
+
+# SudokuConfig fields that determine the generated data (and so name its cache directory).
+_GENERATOR_FIELDS = (
+    "seed",
+    "split",
+    "train_grids",
+    "train_size",
+    "validation_size",
+    "test_size",
+    "blanks_min",
+    "blanks_max",
+    "test_blanks",
+    "require_unique",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SudokuConfig:
+    """Sudoku task options; see module docstring and tasks.md §4.3."""
+
+    seed: int = 42
+    split: str = "leak_free"  # "leak_free" (grids split train/test) | "d1" (shared grids, not leak-free)
+    train_grids: int = 200  # leak_free only: training solution grids; the other 88 are test grids
+    train_size: int = 20000
+    validation_size: int = 256
+    test_size: int = 256
+    blanks_min: int = 6
+    blanks_max: int = 10
+    test_blanks: int = 8
+    require_unique: bool = False
+    credit_alternative_solutions: bool = True
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> SudokuConfig:
+        """Read the known keys with their defaults (other keys, e.g. prompt settings, are ignored)."""
+        kwargs = {f.name: cfg.get(f.name, f.default) for f in dataclasses.fields(cls)}
+        # Hydra / CLI values may arrive as strings; cast by the declared field type.
+        casts = {"int": int, "bool": _as_bool}
+        for f in dataclasses.fields(cls):
+            if f.type in casts:
+                kwargs[f.name] = casts[f.type](kwargs[f.name])
+        for key in ("train_file", "validation_file", "test_file"):
+            kwargs[key] = None if kwargs[key] in (None, "") else str(kwargs[key])
+        config = cls(**kwargs)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Raise ConfigError, naming the task.* field, for values the generator cannot honour."""
+        if self.split not in ("leak_free", "d1"):
+            raise ConfigError(f"task.split={self.split!r} must be 'leak_free' or 'd1'")
+        if self.split == "leak_free" and not 1 <= self.train_grids < NUM_GRIDS:
+            raise ConfigError(f"task.train_grids={self.train_grids} must be in [1, {NUM_GRIDS - 1}]")
+        if not 1 <= self.blanks_min <= self.blanks_max <= GRID_CELLS:
+            raise ConfigError(
+                f"task.blanks_min={self.blanks_min}, task.blanks_max={self.blanks_max}: "
+                "need 1 <= blanks_min <= blanks_max <= 16"
+            )
+        if not 1 <= self.test_blanks <= GRID_CELLS:
+            raise ConfigError(f"task.test_blanks={self.test_blanks} must be in [1, 16]")
+        if self.seed < 0 or min(self.train_size, self.validation_size, self.test_size) < 0:
+            raise ConfigError("task.seed and task.*_size must be non-negative")
+
+    def generator_key(self) -> dict[str, Any]:
+        """The fields that determine generated data (cache key); reward options and files excluded."""
+        key = {name: getattr(self, name) for name in _GENERATOR_FIELDS}
+        key["generator_version"] = GENERATOR_VERSION
+        return key
+
+    def generator_hash(self) -> str:
+        blob = json.dumps(self.generator_key(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------------
+# Generator (tasks.md §4.3)
+
+Pair = tuple[str, str]  # (puzzle, solution)
+
+# Independent, stable random streams per generation stage, so that e.g. changing train_size does not
+# change the test puzzles.
+_STAGE_SEEDS = {"grids": 0, "test": 1, "validation": 2, "train": 3, "carve": 4}
+
+
+def _rng(seed: int, stage: str) -> np.random.Generator:
+    return np.random.default_rng([seed, _STAGE_SEEDS[stage]])
+
+
+def split_grids(seed: int, split: str, train_grids: int) -> tuple[list[str], list[str]]:
+    """(train grids, test grids): disjoint for "leak_free"; both all 288 grids for "d1"."""
+    grids = all_grids()
+    if split == "d1":
+        return grids, list(grids)
+    order = _rng(seed, "grids").permutation(len(grids))
+    train = sorted(grids[i] for i in order[:train_grids])
+    test = sorted(grids[i] for i in order[train_grids:])
+    return train, test
+
+
+def sample_puzzles(
+    grids: Sequence[str],
+    n: int,
+    blanks: tuple[int, int],
+    rng: np.random.Generator,
+    exclude: Iterable[str] = (),
+    require_unique: bool = False,
+) -> list[Pair]:
+    """n distinct puzzles: a uniform grid, a uniform blank count in [lo, hi], a uniform blank subset.
+
+    Puzzles in `exclude`, repeats, and (with require_unique) puzzles with several completions are
+    redrawn. Raises ValueError when the request cannot be met (e.g. more puzzles than exist).
+    """
+    lo, hi = blanks
+    seen = set(exclude)
+    out: list[Pair] = []
+    max_draws, drawn = 50 * n + 10_000, 0
+    while len(out) < n:
+        if drawn >= max_draws:
+            raise ValueError(
+                f"only {len(out)} of {n} distinct puzzles found after {drawn} draws; "
+                "lower the split size or widen the blank range"
+            )
+        batch = 2 * (n - len(out)) + 64
+        drawn += batch
+        grid_idx = rng.integers(len(grids), size=batch)
+        n_blanks = rng.integers(lo, hi + 1, size=batch)
+        # Row k is a random permutation of cell ranks; cells ranked below n_blanks[k] are blanked,
+        # which picks a uniformly random subset of that size.
+        ranks = rng.permuted(np.tile(np.arange(GRID_CELLS), (batch, 1)), axis=1)
+        blank = ranks < n_blanks[:, None]
+        for g, mask in zip(grid_idx, blank, strict=True):
+            solution = grids[g]
+            puzzle = "".join("0" if m else ch for ch, m in zip(solution, mask, strict=True))
+            if puzzle in seen or (require_unique and count_completions(puzzle, limit=2) != 1):
+                continue
+            seen.add(puzzle)
+            out.append((puzzle, solution))
+            if len(out) == n:
+                break
+    return out
+
+
+def generate_pairs(config: SudokuConfig) -> dict[str, list[Pair]]:
+    """Generated splits: test from test grids; validation, then train, from training grids.
+
+    Validation and train are disjoint from each other and from test as puzzle strings (a puzzle
+    with several completions could otherwise come from a train grid and a test grid alike).
+    """
+    train_grids, test_grids = split_grids(config.seed, config.split, config.train_grids)
+    unique = config.require_unique
+    train_blanks = (config.blanks_min, config.blanks_max)
+    test = sample_puzzles(
+        test_grids,
+        config.test_size,
+        (config.test_blanks, config.test_blanks),
+        _rng(config.seed, "test"),
+        require_unique=unique,
+    )
+    taken = {p for p, _ in test}
+    validation = sample_puzzles(
+        train_grids,
+        config.validation_size,
+        train_blanks,
+        _rng(config.seed, "validation"),
+        exclude=taken,
+        require_unique=unique,
+    )
+    taken |= {p for p, _ in validation}
+    train = sample_puzzles(
+        train_grids,
+        config.train_size,
+        train_blanks,
+        _rng(config.seed, "train"),
+        exclude=taken,
+        require_unique=unique,
+    )
+    return {"train": train, "validation": validation, "test": test}
+
+
+def pairs_to_dataset(pairs: Sequence[Pair]) -> datasets.Dataset:
+    """Dataset with prompt (= puzzle, compact format), puzzle and solution string columns."""
+    puzzles = [p for p, _ in pairs]
+    return datasets.Dataset.from_dict(
+        {"prompt": puzzles, "puzzle": puzzles, "solution": [s for _, s in pairs]}, features=_FEATURES
+    )
+
+
+def load_or_generate(config: SudokuConfig, cache_dir: str | Path) -> datasets.DatasetDict:
+    """Generated splits, cached under cache_dir/data/sudoku-<hash of the generator config>.
+
+    Writes go to a temporary sibling directory renamed into place, so a reader never sees a half
+    written cache and concurrent ranks generating the same data cannot corrupt it.
+    """
+    target = Path(cache_dir) / "data" / f"sudoku-{config.generator_hash()}"
+    if not target.is_dir():
+        data = datasets.DatasetDict({name: pairs_to_dataset(p) for name, p in generate_pairs(config).items()})
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            data.save_to_disk(str(tmp))
+            (tmp / "generator_config.json").write_text(json.dumps(config.generator_key(), indent=1, sort_keys=True))
+            os.replace(tmp, target)
+        except OSError:
+            # Another process renamed its copy first: theirs is identical, use it.
+            if not target.is_dir():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(target))
+
+
+# --------------------------------------------------------------------------------------------------
+# Local files (tasks.md §4.2)
+
+
+def _csv_columns(path: Path) -> list[str]:
+    """The puzzle and solution column names in header order (matched case-insensitively)."""
+    with path.open(newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    wanted = [name for name in header if name.strip().lower() in ("puzzle", "solution")]
+    if sorted(name.strip().lower() for name in wanted) != ["puzzle", "solution"]:
+        raise DataError(f"{path}: header must name one Puzzle and one Solution column, got {header}")
+    return wanted
+
+
+def _read_file(path: Path, hf_cache: Path) -> datasets.Dataset:
+    """Raw rows with 'puzzle' and 'solution' columns, via datasets.load_dataset."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            columns = _csv_columns(path)
+            # Read as strings: pandas would otherwise parse "0123..." as an int and drop the zero.
+            features = datasets.Features({c: datasets.Value("string") for c in columns})
+            ds = datasets.load_dataset(
+                "csv",
+                data_files=str(path),
+                split="train",
+                cache_dir=str(hf_cache),
+                usecols=columns,
+                features=features,
+                keep_default_na=False,
+            )
+            return ds.rename_columns({c: c.strip().lower() for c in columns})
+        if suffix in (".jsonl", ".json"):
+            ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(hf_cache))
+        else:
+            raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv (Puzzle,Solution) or .jsonl")
+    except DataError:
+        raise
+    except Exception as e:  # parser errors come as many types (pandas, pyarrow, datasets)
+        raise DataError(f"{path}: cannot read file: {e}") from e
+    missing = {"puzzle", "solution"} - set(ds.column_names)
+    if missing:
+        raise DataError(f"{path}: rows need 'puzzle' and 'solution' keys; missing {sorted(missing)}")
+    return ds
+
+
+def load_pairs_file(path: str | Path, key: str, hf_cache: str | Path) -> datasets.Dataset:
+    """A validated CSV / JSONL data file as a prompt/puzzle/solution dataset (all rows, file order).
+
+    Raises DataError naming the file and config key if it is missing, or the file and 1-based data
+    row of the first malformed row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (config key task.{key})")
+    raw = _read_file(path, Path(hf_cache))
+    puzzles, solutions = raw["puzzle"], raw["solution"]
+    for n, (puzzle, solution) in enumerate(zip(puzzles, solutions, strict=True), start=1):
+        problem = row_problem(puzzle, solution)
+        if problem is not None:
+            raise DataError(f"{path}: row {n}: {problem}")
+    return pairs_to_dataset(list(zip(puzzles, solutions, strict=True)))
+
+
+def carve_validation(train: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train without held-out rows, held-out rows): the last `size` rows of a seeded shuffle."""
+    if size >= len(train):
+        raise DataError(f"validation_size {size} leaves no training rows (train file has {len(train)})")
+    order = _rng(seed, "carve").permutation(len(train))
+    cut = len(train) - size
+    kept = np.sort(order[:cut])
+    return train.select(kept, keep_in_memory=True), train.select(order[cut:], keep_in_memory=True)
+
+
+def drop_puzzles(ds: datasets.Dataset, puzzles: set[str]) -> datasets.Dataset:
+    """ds without rows whose puzzle is in `puzzles` (returned unchanged when nothing matches)."""
+    keep = [i for i, p in enumerate(ds["puzzle"]) if p not in puzzles]
+    return ds if len(keep) == len(ds) else ds.select(keep, keep_in_memory=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Task
+
+
+@register_task("sudoku")
+class SudokuTask(Task):
+    """4x4 Sudoku, compact format: prompt = 16-char puzzle, completion = 16 solution digits."""
+
+    alphabet = "01234"
+    completion_length = GRID_CELLS
+    primary_metric = "cell_acc"
+
+    def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path) -> None:
+        super().__init__(cfg, cache_dir)
+        self.config = SudokuConfig.from_cfg(self.cfg)
+        # Fail at construction, not hours later, when a configured file is missing.
+        for key in ("train_file", "validation_file", "test_file"):
+            path = getattr(self.config, key)
+            if path is not None and not Path(path).is_file():
+                raise DataError(f"{path}: file not found (config key task.{key})")
+        self._splits: dict[str, datasets.Dataset] | None = None
+
+    def dataset(self, split: str) -> datasets.Dataset:
+        check_split(split)
+        if self._splits is None:
+            self._splits = self._build_splits()
+        return self._splits[split]
+
+    def _build_splits(self) -> dict[str, datasets.Dataset]:
+        """Files where configured, generated data otherwise; train never holds an evaluation puzzle."""
+        config = self.config
+        hf_cache = self.cache_dir / "hf_datasets"
+        files = {s: getattr(config, f"{s}_file") for s in SPLITS}
+        splits = {s: load_pairs_file(p, f"{s}_file", hf_cache) for s, p in files.items() if p is not None}
+        if "train" in splits and "validation" not in splits:
+            # Held-out training rows (d1 convention), never test rows.
+            splits["train"], splits["validation"] = carve_validation(
+                splits["train"], config.validation_size, config.seed
+            )
+        if any(s not in splits for s in SPLITS):
+            generated = load_or_generate(config, self.cache_dir)
+            splits = {s: splits.get(s, generated[s]) for s in SPLITS}
+        eval_puzzles = set(splits["validation"]["puzzle"]) | set(splits["test"]["puzzle"])
+        splits["train"] = drop_puzzles(splits["train"], eval_puzzles)
+        return splits
+
+    def reward(self, completion: str, example: Mapping[str, Any]) -> dict[str, float]:
+        value = sudoku_reward(
+            completion, example["puzzle"], example["solution"], self.config.credit_alternative_solutions
+        )
+        return {"correct_cells": value}
+
+    def target(self, example: Mapping[str, Any]) -> str:
+        return str(example["solution"])
+
+    def metrics(self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        # Reference metric (§4.6) scores against the stored solution only, without alternative credit.
+        return sudoku_metrics(completions, [ex["puzzle"] for ex in examples], [ex["solution"] for ex in examples])

@@ -1,0 +1,188 @@
+"""One training process: init distributed -> build from registries -> Trainer.fit() -> summary.json.
+
+The Hydra parent hands over a plain, fully resolved dict; workers never parse argv. For users who
+start processes themselves: ``python -m dllm_rl.worker <run_dir>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dllm_rl.errors import DllmRlError
+
+log = logging.getLogger("dllm_rl")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str) -> None:
+    """Single-process defaults for the torch.distributed environment, then DeepSpeed's init."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def quiet_libraries() -> None:
+    """Library progress bars and INFO chatter would drown the run's own progress bar and log."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def deepspeed_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """DeepSpeed's dict: the deepspeed group's own keys plus the batch arithmetic and optimizer."""
+    world = int(cfg["cluster"]["nproc"])
+    completions = cfg["rollout"]["prompts_per_step"] * cfg["rollout"]["samples_per_prompt"]
+    micro = int(cfg["train"]["micro_batch_per_gpu"])
+    o = cfg["optim"]
+    ds = {
+        **cfg["deepspeed"],
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": completions // (world * micro),
+        "gradient_clipping": o["max_grad_norm"],
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o["lr"],
+                "betas": list(o["betas"]),
+                "eps": o["eps"],
+                "weight_decay": o["weight_decay"],
+                "torch_adam": True,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if o["warmup_steps"] > 0:
+        ds["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": o["lr"],
+                "warmup_num_steps": o["warmup_steps"],
+                "warmup_type": "linear",
+            },
+        }
+    return ds
+
+
+def build_policy(cfg: dict[str, Any], task: Any) -> tuple[Any, dict[str, Any]]:
+    """The starting policy: model.path if given, else the (cached) warm-started tiny base."""
+    from dllm_rl.models.policy import build_tiny, load_pretrained
+    from dllm_rl.warmstart import ensure_base
+
+    mcfg = cfg["model"]
+    if mcfg["path"] is not None:
+        return load_pretrained(mcfg["path"], mcfg["dtype"]), {"source": str(mcfg["path"])}
+    if mcfg["name"] != "tiny":
+        raise DllmRlError(f"model={mcfg['name']} needs model.path=<local checkpoint directory>")
+    if not cfg["warmstart"]["enabled"]:
+        return build_tiny(mcfg, task.alphabet, seed=int(cfg["seed"])), {"source": "random init"}
+    path, info = ensure_base(cfg, task)
+    return load_pretrained(path, mcfg["dtype"]), {"source": str(path), **info}
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train one run described by the resolved config; returns (and writes) the summary."""
+    import deepspeed
+
+    from dllm_rl.objectives import get_objective
+    from dllm_rl.samplers import get_sampler
+    from dllm_rl.tasks import get_task
+    from dllm_rl.tracking import Tracker
+    from dllm_rl.trainer import Trainer
+
+    start = time.perf_counter()
+    run_dir = Path(cfg["run_dir"])
+    quiet_libraries()
+    if cfg["cluster"]["threads"]:
+        torch.set_num_threads(int(cfg["cluster"]["threads"]))
+    init_distributed(cfg["cluster"]["backend"])
+
+    task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
+    policy, base_info = build_policy(cfg, task)
+    if cfg["model"]["gradient_checkpointing"]:
+        policy.model.gradient_checkpointing_enable()
+    device = torch.device(cfg["cluster"]["device"])
+    policy.model.to(device)
+    sampler = get_sampler(cfg["sampler"])
+    objective = get_objective(cfg["objective"], int(cfg["seed"]))
+    engine, *_ = deepspeed.initialize(
+        model=policy.model,
+        model_parameters=[p for p in policy.model.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg),
+    )
+    policy.forward_module = engine
+    tracker = Tracker(run_dir, cfg, enabled=True)
+    status = {"status": "running", "started": time.time()}
+    (run_dir / "status.json").write_text(json.dumps(status))
+    try:
+        result = Trainer(cfg, policy, engine, task, sampler, objective, tracker, run_dir).fit()
+    except BaseException as exc:
+        (run_dir / "status.json").write_text(json.dumps({**status, "status": "failed", "error": repr(exc)}))
+        raise
+    finally:
+        tracker.finish()
+    primary = result["primary_metric"]
+    summary = {
+        "run_dir": str(run_dir),
+        "objective": cfg["objective"]["name"],
+        "task": cfg["task"]["name"],
+        "seed": cfg["seed"],
+        "base_model": base_info,
+        **result,
+        "base_metric": result["base"][primary] if result["base"] else None,
+        "final_metric": result["final"][primary],
+        "wall_seconds": time.perf_counter() - start,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / "status.json").write_text(json.dumps({**status, "status": "done"}))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dllm_rl.worker <run_dir>/config.yaml`: run a config the parent already resolved."""
+    import yaml
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m dllm_rl.worker <run_dir>/config.yaml", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    try:
+        cfg = yaml.safe_load(Path(args[0]).read_text())
+        summary = run(cfg)
+    except DllmRlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: summary[k] for k in ("base_metric", "final_metric", "run_dir")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

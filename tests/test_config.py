@@ -1,0 +1,123 @@
+"""Config composition (Hydra Compose API) and the cross-field validation pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+import dllm_rl  # noqa: F401  (ConfigStore registration)
+from dllm_rl.config import check_writable, validate
+from dllm_rl.errors import ConfigError
+
+CONF_DIR = Path(dllm_rl.__file__).parent / "conf"
+
+
+def _compose(*overrides: str):
+    with initialize_config_module(config_module="dllm_rl.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_default_composition_has_every_group():
+    cfg = _compose()
+    for group in ("model", "objective", "task", "sampler", "cluster", "deepspeed", "logging"):
+        assert group in cfg
+    assert cfg.objective.name == "elbo" and cfg.task.name == "sudoku" and cfg.model.name == "tiny"
+    # gen_length follows the task's completion length by interpolation.
+    assert cfg.sampler.gen_length == cfg.task.completion_length == 16
+    validate(cfg)
+    OmegaConf.to_object(cfg)
+
+
+def test_unknown_group_option_fails_at_composition():
+    with pytest.raises(ConfigCompositionException, match="objective/nope"):
+        _compose("objective=nope")
+
+
+def test_typo_in_key_fails_with_key_name():
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose("objective.mc_samplse=3")
+    assert "mc_samplse" in str(info.value.__cause__ or info.value)
+
+
+def test_wrong_type_fails():
+    with pytest.raises((ConfigCompositionException, ValidationError)) as info:
+        _compose("objective.mc_samples=abc")
+    assert "mc_samples" in str(info.value.__cause__ or info.value)
+
+
+def test_enum_value_is_checked():
+    with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)):
+        _compose("sampler.remasking=sideways")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fields"),
+    [
+        (["sampler.block_length=5"], ["sampler.gen_length", "sampler.block_length"]),
+        (["sampler.block_length=8", "sampler.steps=3"], ["sampler.steps"]),
+        (["rollout.samples_per_prompt=3", "train.micro_batch_per_gpu=16"], ["train.micro_batch_per_gpu"]),
+        (["train.micro_batch_per_gpu=48"], ["rollout.prompts_per_step*rollout.samples_per_prompt"]),
+        (["objective.inner_iterations=4", "train.steps=10"], ["train.steps", "objective.inner_iterations"]),
+        (["objective.mask.t_min=0.9", "objective.mask.t_max=0.5"], ["objective.mask.t_min"]),
+        (["rollout.samples_per_prompt=1"], ["rollout.samples_per_prompt"]),
+        (["sampler.temperature=-1"], ["sampler.temperature"]),
+    ],
+)
+def test_cross_field_rules_name_the_fields(overrides, fields):
+    cfg = _compose(*overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    for f in fields:
+        assert f in str(info.value)
+
+
+def test_several_problems_reported_together():
+    cfg = _compose("sampler.block_length=5", "objective.mc_samples=0")
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert "sampler.block_length" in str(info.value) and "objective.mc_samples" in str(info.value)
+
+
+def test_missing_model_path_is_named(tmp_path):
+    cfg = _compose(f"model.path={tmp_path / 'nowhere'}")
+    with pytest.raises(ConfigError, match="model.path=.*nowhere.*no such directory"):
+        validate(cfg)
+    (tmp_path / "empty").mkdir()
+    cfg = _compose(f"model.path={tmp_path / 'empty'}")
+    with pytest.raises(ConfigError, match="no config.json"):
+        validate(cfg)
+
+
+def test_missing_data_file_is_named(tmp_path):
+    cfg = _compose(f"task.train_file={tmp_path / 'train.csv'}")
+    with pytest.raises(ConfigError, match="task.train_file=.*train.csv"):
+        validate(cfg)
+
+
+def test_unwritable_directory_is_named(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="hydra.run.dir=.*file.*not writable"):
+        check_writable(blocker / "run", "hydra.run.dir")
+
+
+def test_every_yaml_key_is_commented():
+    """House rule: a comment above every key of every option file."""
+    for path in CONF_DIR.rglob("*.yaml"):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            stripped = line.strip()
+            if not stripped or stripped.startswith("#") or stripped.startswith("-") or ":" not in stripped:
+                continue
+            key = stripped.split(":", 1)[0]
+            if key in ("defaults",):
+                continue
+            previous = lines[i - 1].strip() if i else ""
+            value = stripped.split(":", 1)[1].strip()
+            is_section = value == ""
+            assert previous.startswith("#") or is_section, f"{path.name}:{i + 1} key '{key}' has no comment"

@@ -1,0 +1,215 @@
+"""The main job end to end through the real entry point (Hydra, DeepSpeed, datasets, transformers),
+shrunk to seconds, and the one-line errors a user gets for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for seconds on 2 cores, big enough to exercise gradient accumulation (GAS 2),
+# evaluation during training and a mid-run checkpoint.
+FAST = [
+    "train.steps=4",
+    "rollout.prompts_per_step=4",
+    "rollout.samples_per_prompt=4",
+    "rollout.micro_batch=8",
+    "train.micro_batch_per_gpu=8",
+    "eval.num_examples=32",
+    "eval.every_n_steps=2",
+    "checkpoint.every_n_steps=2",
+    "warmstart.steps=10",
+    "task.train_size=500",
+    "task.validation_size=32",
+    "task.test_size=32",
+]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    # The in-process DeepSpeed test sets the torch.distributed variables of this process; a child
+    # must pick its own rendezvous port.
+    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "dllm_rl", *args],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    run_dir = root / "run"
+    proc = run_cli(*FAST, f"cache_dir={root / 'cache'}", f"hydra.run.dir={run_dir}", "logging=none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, run_dir, proc
+
+
+def test_run_writes_summary_metrics_and_config(finished_run):
+    _, run_dir, proc = finished_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["primary_metric"] == "cell_acc"
+    assert 0.0 <= summary["base_metric"] <= 1.0 and 0.0 <= summary["final_metric"] <= 1.0
+    assert summary["base"]["cell_acc"] == summary["base_metric"]
+    assert summary["wall_seconds"] > 0 and summary["steps"] == 4
+    assert [e["step"] for e in summary["evals"]] == [0, 2, 4]
+    assert Path(summary["checkpoint"]).is_dir()
+    assert summary["base_model"]["cached"] is False
+    # The one summary line: base -> final, wall time, run directory.
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "cell_acc" in last and "->" in last and "wall" in last and str(run_dir) in last
+    assert (run_dir / "config.yaml").is_file()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
+
+
+def test_every_step_is_logged_with_finite_loss(finished_run):
+    _, run_dir, _ = finished_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        for key in (
+            "reward_mean",
+            "reward_std",
+            "loss",
+            "grad_norm",
+            "step_seconds",
+            "gen_tokens_per_s",
+            "lr",
+        ):
+            assert math.isfinite(r[key]), (key, r)
+        assert 0.0 <= r["reward_mean"] <= 1.0
+    evals = [r for r in records if "eval/cell_acc" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert len((run_dir / "eval" / "step_4.jsonl").read_text().splitlines()) == 32
+
+
+def test_checkpoints_are_complete_and_pruned(finished_run):
+    _, run_dir, _ = finished_run
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "final"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["final", "step_2"]
+    assert not any(p.name.startswith(".staging") for p in ckpt.iterdir())
+    assert (ckpt / "final" / "hf" / "config.json").is_file()
+
+
+def test_checkpoint_reloads_into_deepspeed_and_from_pretrained(finished_run):
+    """The DeepSpeed checkpoint and its save_pretrained export hold the same trained weights,
+    which differ from the warm-started base the run began from."""
+    import deepspeed
+
+    from dllm_rl.models.policy import load_pretrained
+    from dllm_rl.worker import init_distributed
+
+    root, run_dir, _ = finished_run
+    cfg = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    exported = load_pretrained(run_dir / "checkpoints" / "final" / "hf")
+    base = load_pretrained(summary["base_model"]["source"])
+
+    init_distributed("gloo")
+    from dllm_rl.worker import deepspeed_config
+
+    engine, *_ = deepspeed.initialize(
+        model=base.model, model_parameters=list(base.model.parameters()), config=deepspeed_config(cfg)
+    )
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    path, client_state = engine.load_checkpoint(str(run_dir / "checkpoints"), tag="final")
+    assert path is not None
+    assert client_state["global_step"] == 4
+    assert client_state["prompt_stream"]["position"] == 4 * 4  # 4 rounds of 4 prompts
+    loaded = engine.module.state_dict()
+    changed = any(not torch.equal(before[k], loaded[k]) for k in before)
+    assert changed, "RL steps left every weight unchanged"
+    for k, v in exported.model.state_dict().items():
+        torch.testing.assert_close(loaded[k], v)
+
+
+def test_second_run_reuses_the_cached_base(finished_run):
+    root, _, _ = finished_run
+    run_dir = root / "again"
+    proc = run_cli(
+        *FAST,
+        "train.steps=0",
+        "eval.num_examples=8",
+        f"cache_dir={root / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+        "logging=none",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["base_model"]["cached"] is True
+    assert "using the cached warm-started base" in proc.stdout + proc.stderr
+
+
+def test_wandb_offline_run_is_written(tmp_path):
+    proc = run_cli(
+        *FAST,
+        "train.steps=1",
+        "eval.every_n_steps=0",
+        "checkpoint.every_n_steps=0",
+        "eval.num_examples=8",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "logging=wandb",
+        "logging.wandb_mode=offline",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "no offline wandb run directory"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _one_clear_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr[-2000:])
+
+
+def test_unknown_objective_task_and_model_names(tmp_path):
+    for group in ("objective", "task", "model"):
+        proc = run_cli(f"{group}=nope", f"hydra.run.dir={tmp_path / group}")
+        _one_clear_line(proc, f"{group}/nope")
+
+
+def test_model_path_that_does_not_exist(tmp_path):
+    proc = run_cli(f"model.path={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'run'}", "logging=none")
+    _one_clear_line(proc, "model.path=", "missing")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unwritable_output_directory(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = run_cli(f"output_dir={blocker / 'out'}")
+    _one_clear_line(proc, "output_dir=", "not writable")
+
+
+def test_malformed_data_row(tmp_path):
+    bad = tmp_path / "train.csv"
+    good = "1234341221434321"
+    bad.write_text(f"Puzzle,Solution\n0234341221434321,{good}\n0034341221434321,{good}\n12x4,{good}\n")
+    proc = run_cli(
+        *FAST,
+        f"task.train_file={bad}",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "logging=none",
+    )
+    _one_clear_line(proc, str(bad), "row 3")
+    assert not (tmp_path / "run" / "checkpoints").exists()
