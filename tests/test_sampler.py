@@ -33,7 +33,9 @@ def single_thread():
 def model() -> TinyMDLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        net = TinyMDLM(TinyMDLMConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, mask_token_id=MASK))
+        net = TinyMDLM(
+            TinyMDLMConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, mask_token_id=MASK)
+        )
     # Default init gives near-uniform logits (confidences all ~1/V, ties up to rounding); scale the weights
     # so that outputs are strongly input dependent and confidence gaps are far above float noise.
     with torch.no_grad():
@@ -164,7 +166,9 @@ def test_registry_builds_sampler():
 @pytest.mark.parametrize("remasking", ["low_confidence", "random"])
 @pytest.mark.parametrize("gen_length,block_length,steps", [(8, 4, 4), (8, 4, 8), (6, 6, 2), (8, 2, 8)])
 def test_output_shape_no_mask_and_nfe(model, temperature, remasking, gen_length, block_length, steps):
-    sampler = LowConfidenceSampler(gen_length, block_length, steps, temperature=temperature, remasking=remasking)
+    sampler = LowConfidenceSampler(
+        gen_length, block_length, steps, temperature=temperature, remasking=remasking
+    )
     rec = Recorder(net_fn(model))
     prompt = prompts(5, 3)
     out = run(sampler, rec, prompt, generator=torch.Generator().manual_seed(1))
@@ -311,6 +315,19 @@ def test_greedy_commits_highest_confidence_first_ties_left_to_right():
     assert step.tolist() == [[3, 0, 2, 1, 4]] * 2
 
 
+def test_equal_confidences_commit_left_to_right_in_long_block():
+    # 64 positions with identical logits (exact ties), 8 steps: step j commits positions 8j..8j+7.
+    # (torch's unstable sort permutes ties in rows this long, so this needs the stable sort.)
+    logits = torch.tensor([0.0, 2.0, 1.0] + [-math.inf] * (VOCAB - 3))
+    sampler = LowConfidenceSampler(64, 64, 8, temperature=0.0)
+    rec = Recorder(fixed_fn(logits))
+    prompt = prompts(3, 2)
+    out = run(sampler, rec, prompt)
+    assert bool((out.completion_ids == 1).all())
+    step = commit_steps(rec.inputs + [torch.cat([prompt, out.completion_ids], 1)], 2)
+    assert step.tolist() == [[i // 8 for i in range(64)]] * 3
+
+
 def test_confidence_is_untempered_probability():
     # At τ = 0.01 the tempered probabilities of the argmax are all 1.0 in float64 (a tie that would be
     # broken left to right), while the untempered ones order the positions 1, 2, 0, 3.
@@ -346,8 +363,33 @@ def test_random_remasking_order_ignores_confidence():
 
 
 def test_left_padding_matches_unpadded_prompts(model):
+    # The masked positions of a block see the same inputs and differ only through RoPE, so the tiny
+    # network's confidences there are nearly tied (gaps ~1e-6, i.e. float noise). A fixed bias per
+    # (position id, token) separates them, and also makes the outputs depend on the absolute positions.
+    bias = torch.randn(32, VOCAB, generator=torch.Generator().manual_seed(0)) * 4.0
+    base = net_fn(model)
+
+    def fn(x, attn, pos):
+        return base(x, attn, pos) + bias[pos]
+
+    margins = []
+
+    def fn_with_margins(x, attn, pos):
+        logits = fn(x, attn, pos)
+        z = logits[:, -8:].double().sort(-1, descending=True).values
+        log_1m_conf = torch.logsumexp(z[..., 1:], -1) - torch.logsumexp(z, -1)  # log(1 − confidence)
+        masked = x[:, -8:] == MASK
+        for row in range(x.shape[0]):
+            v = log_1m_conf[row][masked[row]].sort().values
+            margins.extend((v[1:] - v[:-1]).tolist())
+            margins.extend((z[row, :, 0] - z[row, :, 1])[masked[row]].tolist())
+        return logits
+
     sampler = LowConfidenceSampler(8, 4, 8, temperature=0.0)
     raw = [prompts(1, n, seed=20 + n)[0] for n in (2, 5, 3, 1)]
+    alone = [run(sampler, fn_with_margins, p.unsqueeze(0)).completion_ids[0] for p in raw]
+    # Precondition: no decision of the reference runs is within float noise of a tie.
+    assert min(margins) > 1e-3, min(margins)
     width = max(len(p) for p in raw)
     results = {}
     for pad in (0, 4):  # the pad token value must not matter either
@@ -356,16 +398,15 @@ def test_left_padding_matches_unpadded_prompts(model):
         for i, p in enumerate(raw):
             ids[i, width - len(p) :] = p
             attn[i, width - len(p) :] = 1
-        rec = Recorder(net_fn(model))
+        rec = Recorder(fn)
         results[pad] = run(sampler, rec, ids, attn).completion_ids
         # The sampler passes the padding mask and RoPE positions counted from the first real token.
         assert torch.equal(rec.attn[0][:, :width], attn)
         assert bool((rec.attn[0][:, width:] == 1).all())
         assert rec.pos[0][2].tolist()[width - 3 :] == list(range(3 + 8))
     assert torch.equal(results[0], results[4])
-    for i, p in enumerate(raw):
-        alone = run(sampler, net_fn(model), p.unsqueeze(0)).completion_ids
-        assert torch.equal(results[0][i], alone[0]), i
+    for i in range(len(raw)):
+        assert torch.equal(results[0][i], alone[i]), i
     # Sanity: the completions actually depend on the prompt.
     assert len({tuple(r.tolist()) for r in results[0]}) > 1
 
