@@ -470,11 +470,6 @@ def test_low_confidence_one_token_per_step_commits_best_of_proposals():
 # ---------------------------------------------------------------------------- mask token proposals
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: the sampler does not exclude the mask token from proposals, so a committed "
-    "proposal equal to mask_id leaves a mask in the output (and is silently re-opened later)",
-)
 def test_mask_token_is_never_proposed():
     # A model that gives the mask token any probability (uniform logits here; a random TinyMDLM too).
     sampler = LowConfidenceSampler(8, 4, 4, temperature=1.0)

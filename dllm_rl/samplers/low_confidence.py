@@ -6,7 +6,8 @@ x̂ = argmax(z/τ + g), g ~ Gumbel(0, 1) (a sample from softmax(z/τ); plain arg
 n_j proposals with the highest confidence are committed, where n_j spreads the block's masked count
 evenly over its steps (the linear schedule α_t = 1 − t). Confidence is the untempered probability
 softmax(z)[x̂] (`low_confidence`) or uniform noise (`random`). Committed tokens are never re-masked,
-and positions outside the current block are never committed.
+and positions outside the current block are never committed. The mask token itself is never
+proposed.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ class LowConfidenceSampler:
                 # Only the current block can be committed, so only its logits are needed.
                 logits = logits_fn(x, attn, positions)[:, lo:hi].to(self.noise_dtype)
                 nfe += 1
+                # Committing the mask token would leave the position open and the output incomplete.
+                logits[..., mask_id] = -torch.inf
                 if tau > 0:
                     u = torch.rand(logits.shape, generator=generator, dtype=self.noise_dtype, device=device)
                     gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(self.noise_dtype).tiny)))
