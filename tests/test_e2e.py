@@ -226,11 +226,20 @@ def test_worker_entry_runs_a_resolved_config(finished_run, tmp_path):
     (tmp_path / "rerun").mkdir()
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                             "MASTER_PORT"}}
-    proc = subprocess.run(["bash", str(REPO / "launch" / "worker.sh"), str(config_file)], env={
-        **env, "PYTHON": sys.executable, "WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=600)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "worker.sh"), str(config_file)],
+        env={**env, "PYTHON": sys.executable, "WANDB_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "rerun" / "summary.json").read_text())
     assert summary["steps"] == 2 and json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(
-        tmp_path / "rerun")
+        tmp_path / "rerun"
+    )

@@ -30,9 +30,7 @@ def single_thread():
 def make_model(seed: int, scale: float = 4.0) -> TinyMDLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = TinyMDLM(
-            TinyMDLMConfig(vocab_size=VOCAB, hidden_size=16, num_layers=2, num_heads=2, mask_token_id=MASK)
-        )
+        net = TinyMDLM(TinyMDLMConfig(vocab_size=VOCAB, hidden_size=16, num_layers=2, num_heads=2, mask_token_id=MASK))
     with torch.no_grad():  # spread the probabilities so that f really depends on the masked set
         for p in net.parameters():
             if p.dim() > 1:
@@ -182,9 +180,7 @@ def test_masked_logp_prompt_masks_and_left_padding():
     logp = masked_logp(fn, prompt[None], ones, completion[None], masks, MASK)
     for r in range(2):
         noisy_prompt = torch.where(pmask[0, r], torch.full_like(prompt, MASK), prompt)
-        single = masked_logp(
-            fn, noisy_prompt[None], ones, completion[None], draw(comp[:, r : r + 1], 3), MASK
-        )
+        single = masked_logp(fn, noisy_prompt[None], ones, completion[None], draw(comp[:, r : r + 1], 3), MASK)
         assert torch.allclose(logp[0, r], single[0, 0], atol=1e-6, rtol=0)
     no_prompt_mask = masked_logp(fn, prompt[None], ones, completion[None], draw(comp, 3), MASK)
     assert not torch.allclose(no_prompt_mask, logp, atol=1e-3)
@@ -399,9 +395,7 @@ def test_weights_are_zero_exactly_for_empty_copies(weight):
 def test_prompt_masking_rate_and_padding():
     prompt_valid = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     n_draws, p = 20_000, 0.15
-    masks = sample_masks(
-        cfg(prompt_mask_prob=p), torch.ones(2, 3, dtype=torch.bool), prompt_valid, n_draws, [7, 8]
-    )
+    masks = sample_masks(cfg(prompt_mask_prob=p), torch.ones(2, 3, dtype=torch.bool), prompt_valid, n_draws, [7, 8])
     assert not (masks.prompt & ~prompt_valid[:, None]).any(), "padding is never masked"
     rate = masks.prompt.double().mean(1)  # [2, P]
     se = math.sqrt(p * (1 - p) / n_draws)
@@ -431,9 +425,7 @@ def test_masks_are_reproducible_from_seeds_and_row_independent():
     assert torch.equal(alone.completion[0], a.completion[1]) and torch.equal(alone.prompt[0], a.prompt[1])
     assert torch.equal(alone.weight[0], a.weight[1])
     swapped = sample_masks(c, valid[[2, 0]], pvalid[[2, 0]], 16, [seeds[2], seeds[0]])
-    assert torch.equal(swapped.completion[0], a.completion[2]) and torch.equal(
-        swapped.completion[1], a.completion[0]
-    )
+    assert torch.equal(swapped.completion[0], a.completion[2]) and torch.equal(swapped.completion[1], a.completion[0])
     # Sampling masks neither uses nor disturbs the global RNG.
     torch.manual_seed(0)
     state = torch.random.get_rng_state()

@@ -9,10 +9,20 @@ from dllm_rl import report
 
 def _summary(directory, seed, base, final):
     directory.mkdir(parents=True)
-    (directory / "summary.json").write_text(json.dumps({
-        "objective": "elbo", "task": "sudoku", "seed": seed, "primary_metric": "cell_acc",
-        "base_metric": base, "final_metric": final, "steps": 10, "wall_seconds": 12.0,
-    }))
+    (directory / "summary.json").write_text(
+        json.dumps(
+            {
+                "objective": "elbo",
+                "task": "sudoku",
+                "seed": seed,
+                "primary_metric": "cell_acc",
+                "base_metric": base,
+                "final_metric": final,
+                "steps": 10,
+                "wall_seconds": 12.0,
+            }
+        )
+    )
 
 
 def test_report_aggregates_seeds(tmp_path, capsys):

@@ -33,9 +33,7 @@ def single_thread():
 def model() -> TinyMDLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        net = TinyMDLM(
-            TinyMDLMConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, mask_token_id=MASK)
-        )
+        net = TinyMDLM(TinyMDLMConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, mask_token_id=MASK))
     # Default init gives near-uniform logits (confidences all ~1/V, ties up to rounding); scale the weights
     # so that outputs are strongly input dependent and confidence gaps are far above float noise.
     with torch.no_grad():
@@ -166,9 +164,7 @@ def test_registry_builds_sampler():
 @pytest.mark.parametrize("remasking", ["low_confidence", "random"])
 @pytest.mark.parametrize("gen_length,block_length,steps", [(8, 4, 4), (8, 4, 8), (6, 6, 2), (8, 2, 8)])
 def test_output_shape_no_mask_and_nfe(model, temperature, remasking, gen_length, block_length, steps):
-    sampler = LowConfidenceSampler(
-        gen_length, block_length, steps, temperature=temperature, remasking=remasking
-    )
+    sampler = LowConfidenceSampler(gen_length, block_length, steps, temperature=temperature, remasking=remasking)
     rec = Recorder(net_fn(model))
     prompt = prompts(5, 3)
     out = run(sampler, rec, prompt, generator=torch.Generator().manual_seed(1))
