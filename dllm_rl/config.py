@@ -161,7 +161,7 @@ class RolloutCfg:
 
 @dataclass
 class TrainCfg:
-    steps: int = 300
+    steps: int = 900
     micro_batch_per_gpu: int = 128
 
 
@@ -178,7 +178,7 @@ class OptimCfg:
 @dataclass
 class EvalCfg:
     split: str = "test"
-    every_n_steps: int = 50
+    every_n_steps: int = 150
     before_train: bool = True
     num_examples: int | None = None
     batch_size: int = 256

@@ -14,16 +14,6 @@ from dllm_rl.models.tiny import TinyMDLM, TinyMDLMConfig
 VOCAB, MASK = 6, 5  # the mask id lies inside the vocabulary, as for LLaDA
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning makes
-    # each forward ~100x slower; restore the caller's setting afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------- helpers
 
 

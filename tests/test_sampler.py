@@ -19,16 +19,6 @@ VOCAB, MASK = 12, 11
 # ------------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning makes
-    # each forward ~100x slower; restore the caller's setting afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model() -> TinyMDLM:
     with torch.random.fork_rng(devices=[]):
