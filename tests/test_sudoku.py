@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dllm_rl.errors import ConfigError
 from dllm_rl.tasks import TASKS, DataError, get_task
 from dllm_rl.tasks.base import total_reward
 from dllm_rl.tasks.sudoku import (
@@ -143,9 +144,9 @@ def test_cache_directory_reused(tmp_path):
 
 
 def test_bad_config_rejected(tmp_path):
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(ConfigError, match="task.split"):
         make_task(tmp_path, split="random")
-    with pytest.raises(ValueError, match="blanks"):
+    with pytest.raises(ConfigError, match="task.blanks"):
         make_task(tmp_path, blanks_min=9, blanks_max=3)
 
 
@@ -278,5 +279,5 @@ def test_missing_file_names_file_and_key(tmp_path):
 
 def test_registry():
     assert TASKS["sudoku"] is SudokuTask and SudokuTask.name == "sudoku"
-    with pytest.raises(ValueError, match="unknown task 'nope'; available: .*sudoku"):
+    with pytest.raises(ConfigError, match="unknown task 'nope'; available: .*sudoku"):
         get_task("nope", {}, "/tmp")
