@@ -18,13 +18,10 @@ def _clean(value: Any) -> Any:
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, cfg: dict[str, Any], enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(self, run_dir: Path, cfg: dict[str, Any]) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = None
         self.wandb_id: str | None = None
-        if not enabled:
-            return
         self._file = self.path.open("a")
         lcfg = cfg["logging"]
         if lcfg["backend"] == "wandb" and lcfg["wandb_mode"] != "disabled":
@@ -44,8 +41,6 @@ class Tracker:
             log.info("wandb %s run %s in %s", lcfg["wandb_mode"], self.wandb_id, run_dir / "wandb")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -53,8 +48,6 @@ class Tracker:
             self.wandb_run.log(metrics, step=step)
 
     def finish(self) -> None:
-        if not self.enabled:
-            return
         self._file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()

@@ -93,7 +93,6 @@ class Trainer:
         self.train_examples = task.dataset("train").to_list()
         self.stream = PromptStream(len(self.train_examples), self.seed)
         self.global_step = 0
-        self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()

@@ -138,7 +138,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         config=deepspeed_config(cfg),
     )
     policy.forward_module = engine
-    tracker = Tracker(run_dir, cfg, enabled=True)
+    tracker = Tracker(run_dir, cfg)
     status = {"status": "running", "started": time.time()}
     (run_dir / "status.json").write_text(json.dumps(status))
     try:

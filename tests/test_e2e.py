@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +116,7 @@ def test_checkpoint_reloads_into_deepspeed_and_from_pretrained(finished_run):
     from dllm_rl.worker import init_distributed
 
     root, run_dir, _ = finished_run
-    cfg = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     exported = load_pretrained(run_dir / "checkpoints" / "final" / "hf")
     base = load_pretrained(summary["base_model"]["source"])
@@ -217,8 +218,6 @@ def test_malformed_data_row(tmp_path):
 
 def test_worker_entry_runs_a_resolved_config(finished_run, tmp_path):
     """launch/worker.sh: a resolved config file runs without Hydra, into the run_dir it names."""
-    import yaml
-
     _, run_dir, _ = finished_run
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     cfg.update(run_dir=str(tmp_path / "rerun"))
