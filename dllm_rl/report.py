@@ -19,18 +19,20 @@ def collect(root: Path) -> list[dict[str, Any]]:
     for path in sorted(root.rglob("summary.json")):
         s = json.loads(path.read_text())
         base, final = s.get("base_metric"), s["final_metric"]
-        rows.append({
-            "objective": s["objective"],
-            "task": s["task"],
-            "seed": s["seed"],
-            "metric": s["primary_metric"],
-            "base": base,
-            "final": final,
-            "delta": None if base is None else final - base,
-            "steps": s["steps"],
-            "wall_s": round(s["wall_seconds"], 1),
-            "run_dir": str(path.parent),
-        })
+        rows.append(
+            {
+                "objective": s["objective"],
+                "task": s["task"],
+                "seed": s["seed"],
+                "metric": s["primary_metric"],
+                "base": base,
+                "final": final,
+                "delta": None if base is None else final - base,
+                "steps": s["steps"],
+                "wall_s": round(s["wall_seconds"], 1),
+                "run_dir": str(path.parent),
+            }
+        )
     return rows
 
 
@@ -50,14 +52,20 @@ def render(rows: list[dict[str, Any]]) -> str:
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[(r["objective"], r["task"], r["metric"])].append(r)
-    lines += ["", "| objective | task | metric | runs | base (mean ± sd) | final (mean ± sd) | gain (mean ± sd) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| objective | task | metric | runs | base (mean ± sd) | final (mean ± sd) | gain (mean ± sd) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (objective, task, metric), rs in sorted(groups.items()):
+
         def pick(key: str, rs: list[dict[str, Any]] = rs) -> list[float]:
             return [r[key] for r in rs if r[key] is not None]
 
-        lines.append(f"| {objective} | {task} | {metric} | {len(rs)} | {_mean_std(pick('base'))} | "
-                     f"{_mean_std(pick('final'))} | {_mean_std(pick('delta'))} |")
+        lines.append(
+            f"| {objective} | {task} | {metric} | {len(rs)} | {_mean_std(pick('base'))} | "
+            f"{_mean_std(pick('final'))} | {_mean_std(pick('delta'))} |"
+        )
     return "\n".join(lines) + "\n"
 
 

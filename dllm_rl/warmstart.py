@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dllm_rl.models.policy import Policy, build_tiny
+from dllm_rl.models.positions import position_ids_from_attention_mask
 from dllm_rl.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def train_base(policy: Policy, task: Task, ws_cfg: Mapping[str, Any], length: in
         noisy = torch.where(masked, torch.full_like(target, policy.mask_id), target)
         inputs = torch.cat([prompt_ids, noisy], dim=1)
         attention = torch.cat([prompt_attn, torch.ones_like(target)], dim=1)
-        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+        positions = position_ids_from_attention_mask(attention)
         logits = policy.logits(inputs, attention, positions)[:, -length:]
         loss = F.cross_entropy(logits[masked].float(), target[masked])
         optimizer.zero_grad(set_to_none=True)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from dllm_rl.errors import ConfigError
+from dllm_rl.models.positions import position_ids_from_attention_mask
 from dllm_rl.models.tiny import TinyMDLM, TinyMDLMConfig
 from dllm_rl.samplers import SAMPLERS, get_sampler
-from dllm_rl.samplers.low_confidence import LowConfidenceSampler, commit_counts, positions_from_attention
+from dllm_rl.samplers.low_confidence import LowConfidenceSampler, commit_counts
 
 VOCAB, MASK = 12, 11
 
@@ -109,9 +110,9 @@ def test_commit_counts_formula():
     assert commit_counts(masked, 3).tolist() == [[2, 1, 1], [1, 1, 0], [0, 0, 0]]
 
 
-def test_positions_from_attention():
+def test_position_ids_from_attention_mask():
     attn = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert positions_from_attention(attn).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert position_ids_from_attention_mask(attn).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
 # ------------------------------------------------------------------------------------- construction

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from dllm_rl.likelihood.masks import MaskDraw
+from dllm_rl.models.positions import position_ids_from_attention_mask
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -46,7 +47,7 @@ def masked_logp(
     inputs = torch.cat([noisy_prompt, noisy_completion], dim=2).reshape(n * r, -1)
     attention = torch.cat([prompt_attention, torch.ones_like(completion_ids)], dim=1)
     attention = attention.unsqueeze(1).expand(n, r, -1).reshape(n * r, -1)
-    positions = (attention.long().cumsum(dim=1) - 1).clamp(min=0)
+    positions = position_ids_from_attention_mask(attention)
     logits = logits_fn(inputs, attention, positions)[:, -length:]
     logp = token_logprobs(logits, completion.reshape(n * r, length)).reshape(n, r, length)
     return torch.where(masks.completion, logp, torch.zeros_like(logp))

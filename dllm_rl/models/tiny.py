@@ -18,6 +18,8 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 
+from dllm_rl.models.positions import position_ids_from_attention_mask  # noqa: F401  (re-exported)
+
 MODEL_TYPE = "dllm_rl_tiny"
 
 
@@ -56,11 +58,6 @@ class TinyMDLMConfig(PretrainedConfig):
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if (self.hidden_size // self.num_heads) % 2 != 0:
             raise ValueError("head dim must be even for rotary embeddings")
-
-
-def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions 0, 1, ... counted over real tokens only, so left padding does not shift RoPE phases."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class TinyMDLMRMSNorm(nn.Module):

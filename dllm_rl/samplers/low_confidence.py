@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dllm_rl.models.positions import position_ids_from_attention_mask
 from dllm_rl.samplers.registry import register_sampler
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -28,11 +29,6 @@ def commit_counts(masked_in_block: torch.Tensor, steps: int) -> torch.Tensor:
     base = k // steps
     extra = (torch.arange(steps, device=k.device).unsqueeze(0) < (k % steps)).long()
     return base + extra
-
-
-def positions_from_attention(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Rotary positions that start at 0 on the first real token of a left-padded row."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 @dataclass
@@ -90,7 +86,7 @@ class LowConfidenceSampler:
         device = prompt_ids.device
         x = torch.cat([prompt_ids, torch.full((batch, length), mask_id, dtype=prompt_ids.dtype, device=device)], 1)
         attn = torch.cat([attention_mask, torch.ones(batch, length, dtype=attention_mask.dtype, device=device)], 1)
-        positions = positions_from_attention(attn)
+        positions = position_ids_from_attention_mask(attn)
         steps_per_block = self.steps // (length // block)
         nfe = 0
         for b in range(length // block):
