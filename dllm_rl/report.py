@@ -58,14 +58,8 @@ def render(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for (objective, task, metric), rs in sorted(groups.items()):
-
-        def pick(key: str, rs: list[dict[str, Any]] = rs) -> list[float]:
-            return [r[key] for r in rs if r[key] is not None]
-
-        lines.append(
-            f"| {objective} | {task} | {metric} | {len(rs)} | {_mean_std(pick('base'))} | "
-            f"{_mean_std(pick('final'))} | {_mean_std(pick('delta'))} |"
-        )
+        base, final, gain = (_mean_std([r[k] for r in rs if r[k] is not None]) for k in ("base", "final", "delta"))
+        lines.append(f"| {objective} | {task} | {metric} | {len(rs)} | {base} | {final} | {gain} |")
     return "\n".join(lines) + "\n"
 
 

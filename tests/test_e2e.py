@@ -34,12 +34,17 @@ FAST = [
 ]
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def child_env(**extra: str) -> dict[str, str]:
     # The in-process DeepSpeed test sets the torch.distributed variables of this process; a child
     # must pick its own rendezvous port.
     dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra)
+    return env
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = child_env()
     return subprocess.run(
         [sys.executable, "-m", "dllm_rl", *args],
         cwd=cwd or REPO,
@@ -225,14 +230,9 @@ def test_worker_entry_runs_a_resolved_config(finished_run, tmp_path):
     (tmp_path / "rerun").mkdir()
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    }
     proc = subprocess.run(
         ["bash", str(REPO / "launch" / "worker.sh"), str(config_file)],
-        env={**env, "PYTHON": sys.executable, "WANDB_MODE": "disabled"},
+        env=child_env(PYTHON=sys.executable),
         capture_output=True,
         text=True,
         timeout=600,
