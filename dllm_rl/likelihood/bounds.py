@@ -35,7 +35,7 @@ def masked_logp(
     masks: MaskDraw,
     mask_id: int,
 ) -> torch.Tensor:
-    """log f_θ(x_i | row) at masked completion positions for every copy: [N, R, L], 0 where unmasked.
+    """log f_θ(x_i | row) at the scored positions of every copy: [N, R, L], 0 elsewhere.
 
     All N·R masked copies go through the model in one batched forward.
     """
@@ -50,7 +50,7 @@ def masked_logp(
     positions = position_ids_from_attention_mask(attention)
     logits = logits_fn(inputs, attention, positions)[:, -length:]
     logp = token_logprobs(logits, completion.reshape(n * r, length)).reshape(n, r, length)
-    return torch.where(masks.completion, logp, torch.zeros_like(logp))
+    return torch.where(masks.scored, logp, torch.zeros_like(logp))
 
 
 def elbo(logp: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

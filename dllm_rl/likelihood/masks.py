@@ -32,10 +32,17 @@ def mask_seed(*parts: int | str) -> int:
 
 @dataclass
 class MaskDraw:
-    completion: torch.Tensor  # [N, R, L] bool: masked completion positions
+    """R masked copies of N sequences. Coupled schedules order copies as (base, complement) pairs."""
+
+    completion: torch.Tensor  # [N, R, L] bool: completion positions replaced by the mask token
     prompt: torch.Tensor  # [N, R, P] bool: masked prompt positions
-    weight: torch.Tensor  # [N, R] float32: weight of each copy in ELBO sums
-    t: torch.Tensor  # [N, R] float32: the sampled mask ratio
+    weight: torch.Tensor  # [N, R] float32: weight of each copy in ELBO-type sums (0 if nothing is scored)
+    t: torch.Tensor  # [N, R] float32: the copy's mask ratio
+    scored: torch.Tensor | None = None  # [N, R, L] bool: positions whose log-prob is used (⊆ completion)
+
+    def __post_init__(self) -> None:
+        if self.scored is None:
+            self.scored = self.completion
 
 
 def _value(cfg: Mapping[str, Any], key: str) -> Any:

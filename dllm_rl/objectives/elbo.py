@@ -38,7 +38,7 @@ class ELBOObjective(Objective):
             masks,
             policy.mask_id,
         )
-        v = elbo(logp, masks.completion, masks.weight)  # V_j, [N]
+        v = elbo(logp, masks.scored, masks.weight)  # V_j, [N]
         a = batch.advantages.to(v.dtype)
         if _norm(self.cfg) == "per_sequence":
             loss = (-a * v).mean()
