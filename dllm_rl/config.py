@@ -70,6 +70,8 @@ class ObjectiveCfg:
     mc_samples: int = 2
     mask: MaskCfg = field(default_factory=MaskCfg)
     loss_norm: LossNorm = LossNorm.token_weighted
+    loss_forward_dropout: bool = True
+    max_nonfinite_frac: float = 0.5
 
 
 @dataclass
@@ -163,6 +165,7 @@ class RolloutCfg:
 class TrainCfg:
     steps: int = 900
     micro_batch_per_gpu: int = 128
+    max_skipped_steps: int = 3
 
 
 @dataclass

@@ -131,7 +131,12 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(cfg["cluster"]["device"])
     policy.model.to(device)
     sampler = get_sampler(cfg["sampler"])
-    objective = get_objective(cfg["objective"], int(cfg["seed"]))
+    objective = get_objective(
+        cfg["objective"],
+        int(cfg["seed"]),
+        group_size=int(cfg["rollout"]["samples_per_prompt"]),
+        micro_batch=int(cfg["train"]["micro_batch_per_gpu"]),
+    )
     engine, *_ = deepspeed.initialize(
         model=policy.model,
         model_parameters=[p for p in policy.model.parameters() if p.requires_grad],

@@ -25,7 +25,10 @@ MODEL_CFG = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_position_e
 
 def _objective(loss_norm="token_weighted", mc=2):
     return get_objective(
-        {"name": "elbo", "inner_iterations": 1, "mc_samples": mc, "mask": MASK_CFG, "loss_norm": loss_norm}, seed=7
+        {"name": "elbo", "inner_iterations": 1, "mc_samples": mc, "mask": MASK_CFG, "loss_norm": loss_norm},
+        seed=7,
+        group_size=2,
+        micro_batch=8,
     )
 
 

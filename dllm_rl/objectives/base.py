@@ -60,9 +60,16 @@ class Objective(abc.ABC):
 
     name: str = ""
 
-    def __init__(self, cfg: Mapping[str, Any], seed: int) -> None:
+    def __init__(self, cfg: Mapping[str, Any], seed: int, group_size: int, micro_batch: int) -> None:
         self.cfg = cfg
         self.seed = seed
+        self.group_size = group_size  # G: completions per prompt (consecutive rows of a batch)
+        self.micro_batch = micro_batch  # rows per gradient micro-batch (fixed slices of the rollout batch)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether loss/prepare call ``policy.reference_logits`` (the worker then builds the reference)."""
+        return False
 
     def advantages(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         return group_mean_advantages(rewards, group_size)
@@ -79,6 +86,12 @@ class Objective(abc.ABC):
         return sample_masks(self.cfg["mask"], batch.completion_mask, batch.prompt_attention.bool(), replicates, seeds)
 
 
+def finite_or_zero(values: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-sequence surrogates with NaN/inf entries replaced by 0, and how many there were (§0.10)."""
+    finite = torch.isfinite(values)
+    return torch.where(finite, values, torch.zeros_like(values)), int((~finite).sum())
+
+
 OBJECTIVES: dict[str, type[Objective]] = {}
 
 
@@ -91,8 +104,8 @@ def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]
     return wrap
 
 
-def get_objective(cfg: Mapping[str, Any], seed: int) -> Objective:
+def get_objective(cfg: Mapping[str, Any], seed: int, group_size: int, micro_batch: int) -> Objective:
     name = cfg["name"]
     if name not in OBJECTIVES:
         raise ConfigError(f"objective.name={name!r} is unknown; available: {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[name](cfg, seed)
+    return OBJECTIVES[name](cfg, seed, group_size, micro_batch)
