@@ -2,92 +2,29 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
+from exact import (
+    MASK,
+    VOCAB,
+    beta_weight,
+    draw,
+    exact_elbo,
+    exact_logp,
+    logf_table,
+    logits_fn,
+    make_model,
+    model_case,
+    random_table,
+    subset_index,
+    subset_masks,
+)
 
 from dllm_rl.likelihood import MaskDraw, elbo, mask_seed, masked_logp, sample_masks, token_logprobs
-from dllm_rl.models.tiny import TinyMDLM, TinyMDLMConfig
-
-VOCAB, MASK = 6, 5  # the mask id lies inside the vocabulary, as for LLaDA
-
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def make_model(seed: int, scale: float = 4.0) -> TinyMDLM:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = TinyMDLM(TinyMDLMConfig(vocab_size=VOCAB, hidden_size=16, num_layers=2, num_heads=2, mask_token_id=MASK))
-    with torch.no_grad():  # spread the probabilities so that f really depends on the masked set
-        for p in net.parameters():
-            if p.dim() > 1:
-                p.mul_(scale)
-    return net.double().eval()
-
-
-def logits_fn(net: TinyMDLM):
-    def fn(x: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return net(input_ids=x, attention_mask=attn, position_ids=pos).logits
-
-    return fn
-
-
-def subset_masks(length: int) -> torch.Tensor:
-    """[2^L, L] bool: row S has position i masked iff bit i of S is set (row 0 is the empty set)."""
-    s = torch.arange(2**length).unsqueeze(1)
-    return (s >> torch.arange(length)) & 1 == 1
-
-
-def subset_index(masks: torch.Tensor) -> torch.Tensor:
-    """Inverse of subset_masks along the last dimension."""
-    return (masks.long() << torch.arange(masks.shape[-1])).sum(-1)
-
-
-def draw(completion: torch.Tensor, prompt_len: int, weight: torch.Tensor | None = None) -> MaskDraw:
-    """A MaskDraw with the given completion masks [N, R, L], no prompt masking."""
-    n, r, _ = completion.shape
-    w = torch.ones(n, r) if weight is None else weight
-    return MaskDraw(completion, torch.zeros(n, r, prompt_len, dtype=torch.bool), w, torch.zeros(n, r))
-
-
-def logf_table(fn, prompt: torch.Tensor, prompt_attn: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
-    """[2^L, L] float64: log f(x_i | z_S) for i ∈ S via masked_logp (a copy per subset S ≠ ∅), else 0."""
-    length = completion.shape[0]
-    subsets = subset_masks(length)[1:]
-    logp = masked_logp(
-        fn, prompt[None], prompt_attn[None], completion[None], draw(subsets[None], prompt.shape[0]), MASK
-    )[0]
-    assert logp.shape == subsets.shape
-    assert bool((logp[~subsets] == 0).all()) and bool((logp[subsets] < 0).all())
-    return torch.cat([torch.zeros(1, length, dtype=torch.float64), logp.double()])
-
-
-def beta_weight(n: int, length: int) -> float:
-    """B(n, L − n + 1) = (n−1)!(L−n)!/L! = 1/(n·C(L, n))."""
-    return 1.0 / (n * math.comb(length, n))
-
-
-def exact_elbo(table: torch.Tensor) -> float:
-    length = table.shape[1]
-    masks = subset_masks(length)
-    return sum(beta_weight(int(masks[s].sum()), length) * float(table[s].sum()) for s in range(1, 2**length))
-
-
-def exact_logp(table: torch.Tensor) -> float:
-    """log (1/L!) Σ_σ Π_k f(x_{σ_k} | z_{S_k}), S_k = {σ_k..σ_L}."""
-    length = table.shape[1]
-    terms = []
-    for order in itertools.permutations(range(length)):
-        s, total = 2**length - 1, 0.0
-        for pos in order:
-            total += float(table[s, pos])
-            s &= ~(1 << pos)
-        terms.append(total)
-    return float(torch.logsumexp(torch.tensor(terms, dtype=torch.float64), 0)) - math.lgamma(length + 1)
 
 
 def library_exact_elbo(table: torch.Tensor) -> float:
@@ -97,23 +34,6 @@ def library_exact_elbo(table: torch.Tensor) -> float:
     r = masks.shape[0]
     weights = torch.tensor([r * beta_weight(int(m.sum()), length) for m in masks], dtype=torch.float64)
     return float(elbo(table[1:][None], masks[None], weights[None])[0])
-
-
-def random_table(length: int, g: torch.Generator) -> torch.Tensor:
-    """log f for a random denoiser over a 3-token vocabulary: one distribution per (S, i), true token 0."""
-    logits = torch.randn(2**length, length, 3, generator=g, dtype=torch.float64) * (
-        0.5 + 3 * torch.rand(1, generator=g)
-    )
-    logf = torch.log_softmax(logits, -1)[..., 0]
-    return torch.where(subset_masks(length), logf, torch.zeros_like(logf))
-
-
-def model_case(seed: int, length: int, prompt_len: int = 2):
-    g = torch.Generator().manual_seed(1000 + seed)
-    net = make_model(seed)
-    prompt = torch.randint(0, MASK, (prompt_len,), generator=g)
-    completion = torch.randint(0, MASK, (length,), generator=g)
-    return net, prompt, completion
 
 
 MASK_CFG = {
