@@ -45,10 +45,11 @@ def save(engine: Any, policy: Policy, root: Path, tag: str, client_state: dict[s
         shutil.rmtree(staging, ignore_errors=True)
     _barrier()
     engine.save_checkpoint(str(staging), tag=tag, client_state=client_state)
+    weights = _gathered_weights(engine)
     _barrier()
     final = root / tag
     if _is_main():
-        policy.save(staging / tag / "hf")
+        policy.save(staging / tag / "hf", state_dict=weights)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging / tag, final)
         shutil.rmtree(staging, ignore_errors=True)
@@ -56,6 +57,14 @@ def save(engine: Any, policy: Policy, root: Path, tag: str, client_state: dict[s
         _prune(root, keep_last)
     _barrier()
     return final
+
+
+def _gathered_weights(engine: Any) -> dict[str, Any] | None:
+    """Under ZeRO-3 the module's own tensors are empty partitions, so the export needs the weights
+    gathered (collective, one layer at a time, complete on rank 0 only); None: the module holds them."""
+    if not engine.zero_optimization_partition_weights():
+        return None
+    return engine._zero3_consolidated_16bit_state_dict()
 
 
 def _prune(root: Path, keep_last: int) -> None:

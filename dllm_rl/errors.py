@@ -11,3 +11,7 @@ class DllmRlError(Exception):
 
 class ConfigError(DllmRlError):
     """A configuration value is invalid or inconsistent with another one."""
+
+
+class NonFiniteError(DllmRlError):
+    """Training produced non-finite losses or gradients for too many optimizer steps in a row."""

@@ -5,6 +5,7 @@ for each round:
     objective.prepare(batch)                      (no grad, once per round)
     repeat μ times:                               (one optimizer step each, fresh masks)
         for each micro-batch: loss = objective.loss(...); engine.backward(loss); engine.step()
+        a step with non-finite losses/surrogates/gradients is skipped; too many in a row abort the run
 evaluate before, every N steps and at the end; checkpoint every K steps and at the end.
 """
 
@@ -20,9 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from dllm_rl import checkpoint
+from dllm_rl.errors import NonFiniteError
 from dllm_rl.likelihood.masks import mask_seed
 from dllm_rl.models.policy import Policy
 from dllm_rl.objectives.base import Objective, RolloutBatch
@@ -30,6 +33,8 @@ from dllm_rl.tasks.base import Task, total_reward
 from dllm_rl.tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+LAST_GOOD = "last_good"  # checkpoint tag written before aborting on repeated non-finite steps
 
 
 class PromptStream:
@@ -93,6 +98,8 @@ class Trainer:
         self.train_examples = task.dataset("train").to_list()
         self.stream = PromptStream(len(self.train_examples), self.seed)
         self.global_step = 0
+        self.last_skip_reason: str | None = None
+        self.skip_streak: list[str] = []  # reasons of the consecutive skipped steps up to now
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -104,20 +111,20 @@ class Trainer:
         generator: torch.Generator | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Prompt ids, attention, completion ids and forward passes for a list of prompts."""
-        self.policy.model.eval()
         prompt_ids, attention = self.policy.encode_prompts(prompts)
         outputs, nfe = [], 0
-        for lo in range(0, len(prompts), micro_batch):
-            out = self.sampler.generate(
-                self.policy.logits,
-                prompt_ids[lo : lo + micro_batch],
-                attention[lo : lo + micro_batch],
-                self.policy.mask_id,
-                generator=generator,
-                temperature=temperature,
-            )
-            outputs.append(out.completion_ids)
-            nfe += out.nfe
+        with self.policy.scoring():
+            for lo in range(0, len(prompts), micro_batch):
+                out = self.sampler.generate(
+                    self.policy.logits,
+                    prompt_ids[lo : lo + micro_batch],
+                    attention[lo : lo + micro_batch],
+                    self.policy.mask_id,
+                    generator=generator,
+                    temperature=temperature,
+                )
+                outputs.append(out.completion_ids)
+                nfe += out.nfe
         return prompt_ids, attention, torch.cat(outputs), nfe
 
     def rollout(self, round_index: int) -> tuple[RolloutBatch, dict[str, float]]:
@@ -161,18 +168,48 @@ class Trainer:
 
     # ------------------------------------------------------------------ update
     def optimize(self, batch: RolloutBatch, inner_step: int) -> dict[str, float]:
-        """One optimizer step: gradient accumulation over the micro-batches of the rollout batch."""
-        self.engine.train()
+        """One optimizer step: gradient accumulation over the micro-batches of the rollout batch.
+
+        The step is skipped (parameters, optimizer state and LR schedule untouched) when a micro-batch
+        loss is non-finite, when more than objective.max_nonfinite_frac of the per-sequence surrogates
+        were non-finite, or when DeepSpeed finds the gradient norm non-finite (objectives.md §0.10).
+        ``self.last_skip_reason`` says why, or is None for an applied step.
+        """
+        ocfg = self.cfg["objective"]
+        # Dropout in the gradient forward is a per-objective choice (§0.8); gradients flow either way.
+        self.engine.train(bool(ocfg["loss_forward_dropout"]))
         micro = int(self.cfg["train"]["micro_batch_per_gpu"])
+        starts = range(0, len(batch), micro)
         losses: list[float] = []
         sums: dict[str, float] = {}
-        for lo in range(0, len(batch), micro):
-            loss, metrics = self.objective.loss(batch.select(slice(lo, lo + micro)), self.policy, inner_step)
-            self.engine.backward(loss)
-            self.engine.step()
+        nonfinite_seqs = num_seqs = 0
+        skipped_before = self.engine.skipped_steps
+        reason: str | None = None
+        for i, lo in enumerate(starts):
+            part = batch.select(slice(lo, lo + micro))
+            loss, metrics = self.objective.loss(part, self.policy, inner_step)
+            metrics = dict(metrics)
+            # Counts add up over micro-batches; every other metric is averaged.
+            nonfinite_seqs += int(metrics.pop("nonfinite_seqs", 0))
+            num_seqs += int(metrics.pop("num_seqs", len(part)))
             losses.append(float(loss.detach()))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
+            if i == len(starts) - 1:
+                reason = self._skip_reason(losses, nonfinite_seqs, num_seqs)
+                if reason is not None:
+                    loss = loss + self._nan_gradient()
+            self.engine.backward(loss)
+            self.engine.step()
+        ds_skipped = self.engine.skipped_steps > skipped_before
+        if reason is not None and not ds_skipped:
+            raise RuntimeError(
+                f"step {self.global_step + 1} had to be skipped ({reason}) but DeepSpeed applied it; "
+                "the guard relies on ZeRO's overflow check (zero_optimization.stage 1, 2 or 3)"
+            )
+        if reason is None and ds_skipped:
+            reason = "non-finite gradient norm"
+        self.last_skip_reason = reason
         parts = len(losses)
         grad_norm = self.engine.get_global_grad_norm()
         return {
@@ -180,7 +217,79 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": float(self.engine.get_lr()[0]),
             **{k: v / parts for k, v in sums.items()},
+            "skipped": int(reason is not None),
+            "nonfinite_seqs": nonfinite_seqs,
+            "num_seqs": num_seqs,
+            "nonfinite_seq_frac": nonfinite_seqs / max(num_seqs, 1),
         }
+
+    def _skip_reason(self, losses: list[float], nonfinite_seqs: int, num_seqs: int) -> str | None:
+        bad, parts = sum(not math.isfinite(v) for v in losses), len(losses)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank must reach the same verdict, and the fraction is over the global batch.
+            counts = torch.tensor(
+                [bad, parts, nonfinite_seqs, num_seqs], dtype=torch.float64, device=self.policy.device
+            )
+            dist.all_reduce(counts)
+            bad, parts, nonfinite_seqs, num_seqs = (int(c) for c in counts.tolist())
+        if bad:
+            return f"non-finite loss in {bad} of {parts} micro-batches"
+        limit = float(self.cfg["objective"]["max_nonfinite_frac"])
+        if nonfinite_seqs / max(num_seqs, 1) > limit:
+            return (
+                f"{nonfinite_seqs} of {num_seqs} per-sequence surrogates non-finite "
+                f"(objective.max_nonfinite_frac={limit:g})"
+            )
+        return None
+
+    def _nan_gradient(self) -> torch.Tensor:
+        """A term whose gradient is NaN, so DeepSpeed's own overflow check discards the whole step.
+
+        Gradients accumulated over earlier micro-batches already sit in ZeRO's buffers; poisoning the
+        last backward lets the optimizer's existing skip path clear them, instead of a second mechanism
+        reaching into its internals. It goes through a one-token forward of the engine so that ZeRO-3
+        gathers the (partitioned) weights as in any forward.
+        """
+        ids = torch.full((1, 1), self.policy.mask_id, dtype=torch.long, device=self.policy.device)
+        return self.policy.logits(ids, torch.ones_like(ids)).sum() * float("nan")
+
+    def train_step(self, batch: RolloutBatch, inner_step: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """optimize() + bookkeeping: step counter, metrics record, skip warning and the abort rule."""
+        step_start = time.perf_counter()
+        metrics = self.optimize(batch, inner_step)
+        self.global_step += 1
+        record = {**(extra or {}), **metrics, "inner_step": inner_step}
+        record["step_seconds"] = time.perf_counter() - step_start
+        if inner_step == 0:  # the round's rollout is charged to its first step
+            record["step_seconds"] += record.get("rollout_seconds", 0.0)
+        self.tracker.log(self.global_step, record)
+        self._guard(self.last_skip_reason, batch.round)
+        return record
+
+    def _guard(self, reason: str | None, round_index: int) -> None:
+        """Count consecutive skipped steps; past train.max_skipped_steps save what is good and stop."""
+        if reason is None:
+            self.skip_streak = []
+            return
+        self.skip_streak.append(reason)
+        limit = int(self.cfg["train"]["max_skipped_steps"])
+        log.warning(
+            "step %d skipped: %s (%d in a row%s)",
+            self.global_step,
+            reason,
+            len(self.skip_streak),
+            f", abort at {limit}" if limit > 0 else "",
+        )
+        if limit <= 0 or len(self.skip_streak) < limit:
+            return
+        # Skipped steps change nothing, so the current weights are those of the last applied step.
+        path = self.save(LAST_GOOD, round_index)
+        causes = "; ".join(dict.fromkeys(self.skip_streak))
+        raise NonFiniteError(
+            f"{len(self.skip_streak)} optimizer steps in a row were skipped (train.max_skipped_steps={limit}), "
+            f"steps {self.global_step - len(self.skip_streak) + 1}-{self.global_step}: {causes}; "
+            f"the parameters of the last applied step are saved in {path}"
+        )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, tag: str) -> dict[str, float]:
@@ -248,20 +357,7 @@ class Trainer:
             batch, rollout_stats = self.rollout(round_index)
             self.objective.prepare(batch, self.policy)
             for k in range(self.mu):
-                step_start = time.perf_counter()
-                metrics = self.optimize(batch, k)
-                self.global_step += 1
-                record = {
-                    **rollout_stats,
-                    **metrics,
-                    "inner_step": k,
-                    "step_seconds": time.perf_counter()
-                    - step_start
-                    + (rollout_stats["rollout_seconds"] if k == 0 else 0.0),
-                }
-                if not math.isfinite(record["loss"]):
-                    log.warning("step %d: non-finite loss %s", self.global_step, record["loss"])
-                self.tracker.log(self.global_step, record)
+                record = self.train_step(batch, k, rollout_stats)
                 bar.update(1)
                 bar.set_postfix(
                     reward=f"{record['reward_mean']:.3f}",

@@ -78,6 +78,9 @@ def deepspeed_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if ds.get("bf16", {}).get("enabled"):
+        # The trainer's non-finite guard rides on ZeRO's overflow skip, which bf16 only runs with this on.
+        ds["bf16"] = {**ds["bf16"], "check_grad_overflow": True}
     if o["warmup_steps"] > 0:
         ds["scheduler"] = {
             "type": "WarmupLR",
@@ -137,6 +140,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         group_size=int(cfg["rollout"]["samples_per_prompt"]),
         micro_batch=int(cfg["train"]["micro_batch_per_gpu"]),
     )
+    if objective.needs_reference:
+        # Before deepspeed.initialize: a frozen copy must never be handed to the optimizer.
+        policy.attach_reference()
     engine, *_ = deepspeed.initialize(
         model=policy.model,
         model_parameters=[p for p in policy.model.parameters() if p.requires_grad],

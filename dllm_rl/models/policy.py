@@ -2,13 +2,17 @@
 
 Samplers and estimators only ever call ``policy.logits(input_ids, attention_mask, position_ids)``
 and read ``mask_id``; which network sits behind it (the embedded tiny model, a local checkpoint, a
-DeepSpeed engine wrapping either) is the model loader's business.
+DeepSpeed engine wrapping either) is the model loader's business. Objectives that need π_ref call
+``reference_logits`` (after ``attach_reference``), and wrap every no-grad scoring forward in
+``scoring()`` so dropout never adds noise to cached scores (objectives.md §0.7, §0.8).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +34,63 @@ class Policy:
         self.mask_id = int(tokenizer.mask_token_id)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.mask_id
+        # π_ref is either a frozen copy of the starting network or, for a PEFT model, the policy
+        # network itself with its adapter switched off.
+        self._reference_copy: torch.nn.Module | None = None
+        self._reference_adapter_off = False
 
     def logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """[B, T, V] logits, position i predicting token i."""
         return self.forward_module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+
+    @contextlib.contextmanager
+    def scoring(self) -> Iterator[None]:
+        """No gradients and dropout off for the duration; every module's train/eval flag is restored after."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    @property
+    def has_reference(self) -> bool:
+        return self._reference_adapter_off or self._reference_copy is not None
+
+    def attach_reference(self) -> None:
+        """Make π_ref available to ``reference_logits``: the starting network, frozen (objectives.md §0.7).
+
+        Call before handing the model to DeepSpeed so a copy never reaches the optimizer. A PEFT model
+        needs no copy: its base weights with the adapter switched off are the reference. Idempotent.
+        """
+        if self.has_reference:
+            return
+        if _is_peft(self.model):
+            self._reference_adapter_off = True
+            return
+        reference = copy.deepcopy(self.model)
+        reference.eval()
+        reference.requires_grad_(False)
+        self._reference_copy = reference
+
+    def reference_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, T, V] logits of π_ref (no gradients, dropout off), position i predicting token i."""
+        if not self.has_reference:
+            raise RuntimeError("reference_logits: no reference policy; call Policy.attach_reference() first")
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self._reference_adapter_off:
+            # Through forward_module like every policy forward: a DeepSpeed engine wraps the module's
+            # forward in its own set-up (ZeRO-3 parameter fetch and release, autocast).
+            with self.scoring(), self.model.disable_adapter():
+                return self.forward_module(**kwargs).logits
+        with torch.no_grad():
+            return self._reference_copy(**kwargs).logits
 
     @property
     def device(self) -> torch.device:
@@ -53,10 +108,19 @@ class Policy:
             rows = [row[: row.index(self.eos_id)] if self.eos_id in row else row for row in rows]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
-    def save(self, directory: str | Path) -> None:
-        """save_pretrained for the network and the tokenizer, loadable again with model.path."""
-        self.model.save_pretrained(directory)
+    def save(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """save_pretrained for the network and the tokenizer, loadable again with model.path.
+
+        ``state_dict`` replaces the module's own tensors (needed when ZeRO-3 has partitioned them).
+        """
+        self.model.save_pretrained(directory, state_dict=state_dict)
         self.tokenizer.save_pretrained(directory)
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def _dtype(name: str) -> torch.dtype:
