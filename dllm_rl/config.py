@@ -34,7 +34,10 @@ class ModelCfg:
 
 
 class MaskKind(Enum):
+    full = "full"
     random = "random"
+    blockwise = "blockwise"
+    stratified = "stratified"
 
 
 class CountMode(Enum):
@@ -46,16 +49,44 @@ class MaskWeight(Enum):
     none = "none"
     inv_t_sampled = "inv_t_sampled"
     inv_t_empirical = "inv_t_empirical"
+    inv_count = "inv_count"
+    tlc = "tlc"
+
+
+class MaskScope(Enum):
+    valid = "valid"
+    all = "all"
+
+
+class BlockChoice(Enum):
+    uniform_distinct = "uniform_distinct"
+    reference_modulo = "reference_modulo"
+
+
+class FutureBlocks(Enum):
+    include = "include"
+    exclude = "exclude"
+
+
+class StratifyOver(Enum):
+    microbatch = "microbatch"
+    group = "group"
 
 
 @dataclass
 class MaskCfg:
     kind: MaskKind = MaskKind.random
+    coupled: bool = False
     count_mode: CountMode = CountMode.exact
     t_min: float = 0.0
     t_max: float = 1.0
+    scope: MaskScope = MaskScope.valid
     weight: MaskWeight = MaskWeight.inv_t_empirical
     prompt_mask_prob: float = 0.0
+    block_len: int = 32
+    block_choice: BlockChoice = BlockChoice.uniform_distinct
+    future_blocks: FutureBlocks = FutureBlocks.include
+    stratify_over: StratifyOver = StratifyOver.microbatch
 
 
 class LossNorm(Enum):
@@ -67,9 +98,8 @@ class LossNorm(Enum):
 class ObjectiveCfg:
     name: str = MISSING
     inner_iterations: int = 1
-    mc_samples: int = 2
     mask: MaskCfg = field(default_factory=MaskCfg)
-    loss_norm: LossNorm = LossNorm.token_weighted
+    forward_chunk: int = 0
     loss_forward_dropout: bool = True
     max_nonfinite_frac: float = 0.5
 
@@ -77,6 +107,111 @@ class ObjectiveCfg:
 @dataclass
 class ELBOCfg(ObjectiveCfg):
     name: str = "elbo"
+    mc_samples: int = 2
+    loss_norm: LossNorm = LossNorm.token_weighted
+
+
+class NegativeSurrogate(Enum):
+    eubo = "eubo"
+    mix = "mix"
+    elbo = "elbo"
+    zero = "zero"
+
+
+class EuboAggregation(Enum):
+    mean_x_len = "mean_x_len"
+    sum = "sum"
+
+
+@dataclass
+class SPGCfg(ELBOCfg):
+    name: str = "spg"
+    negative_surrogate: NegativeSurrogate = NegativeSurrogate.mix
+    beta: float = 1.5
+    omega: float = 0.5
+    eubo_aggregation: EuboAggregation = EuboAggregation.mean_x_len
+
+
+class DMPOBaseline(Enum):
+    neg = "neg"
+    mean = "mean"
+    none = "none"
+
+
+class DMPOLoss(Enum):
+    wdce = "wdce"
+    wddo = "wddo"
+
+
+class DMPOReduction(Enum):
+    sum = "sum"
+    mean_over_groups = "mean_over_groups"
+
+
+@dataclass
+class DMPOCfg(ObjectiveCfg):
+    name: str = "dmpo"
+    alpha: float = 0.04
+    coeff: float = 1.0
+    ada_coeff: bool = False
+    ess_target: float = 0.7
+    baseline: DMPOBaseline = DMPOBaseline.neg
+    centering_strength: float = 1.0
+    mc_samples: int = 4
+    rollout_mc_samples: int = 4
+    rollout_mask: MaskCfg = field(default_factory=MaskCfg)
+    loss: DMPOLoss = DMPOLoss.wdce
+    loss_reduction: DMPOReduction = DMPOReduction.sum
+    wddo_alpha: float = 1.0
+    wddo_beta: float = 1.0
+
+
+class GDSDScore(Enum):
+    plain = "plain"
+    tlc = "tlc"
+
+
+class ClampOn(Enum):
+    sum = "sum"
+    per_token = "per_token"
+    none = "none"
+
+
+class MCReduction(Enum):
+    sum = "sum"
+    mean = "mean"
+
+
+@dataclass
+class GDSDCfg(ObjectiveCfg):
+    name: str = "gdsd"
+    psi: float = 1.0
+    beta: float = 1e-3
+    epsilon: float = 4e-4
+    clamp_on: ClampOn = ClampOn.sum
+    score: GDSDScore = GDSDScore.plain
+    mc_pairs: int = 1
+    mc_reduction: MCReduction = MCReduction.sum
+
+
+@dataclass
+class DiffuGRPOCfg(ObjectiveCfg):
+    name: str = "diffu_grpo"
+    epsilon: float = 0.5
+    beta: float = 0.04
+    loss_norm: LossNorm = LossNorm.token_weighted
+
+
+class WD1Variant(Enum):
+    both = "both"
+    pos_only = "pos_only"
+
+
+@dataclass
+class WD1Cfg(ObjectiveCfg):
+    name: str = "wd1"
+    psi: float = 1.0
+    variant: WD1Variant = WD1Variant.both
 
 
 @dataclass
@@ -163,7 +298,7 @@ class RolloutCfg:
 
 @dataclass
 class TrainCfg:
-    steps: int = 900
+    steps: int = 960
     micro_batch_per_gpu: int = 128
     max_skipped_steps: int = 3
 
@@ -232,6 +367,11 @@ def register_configs() -> None:
     for group, name, node in [
         ("model", "base_model", ModelCfg),
         ("objective", "base_elbo", ELBOCfg),
+        ("objective", "base_spg", SPGCfg),
+        ("objective", "base_dmpo", DMPOCfg),
+        ("objective", "base_gdsd", GDSDCfg),
+        ("objective", "base_diffu_grpo", DiffuGRPOCfg),
+        ("objective", "base_wd1", WD1Cfg),
         ("task", "base_sudoku", SudokuTaskCfg),
         ("sampler", "base_sampler", SamplerCfg),
         ("cluster", "base_cluster", ClusterCfg),
@@ -255,7 +395,7 @@ def validate(cfg: Any) -> None:
         if not ok:
             errors.append(message)
 
-    s, r, t, o, m = cfg["sampler"], cfg["rollout"], cfg["train"], cfg["objective"], cfg["objective"]["mask"]
+    s, r, t, o = cfg["sampler"], cfg["rollout"], cfg["train"], cfg["objective"]
     world = int(cfg["cluster"]["nproc"])
 
     need(s["gen_length"] > 0, f"sampler.gen_length={s['gen_length']} must be positive")
@@ -305,7 +445,6 @@ def validate(cfg: Any) -> None:
     )
 
     mu = o["inner_iterations"]
-    need(mu >= 1, f"objective.inner_iterations={mu} must be >= 1")
     need(t["steps"] >= 0, f"train.steps={t['steps']} must be >= 0")
     if mu >= 1:
         need(
@@ -313,15 +452,7 @@ def validate(cfg: Any) -> None:
             f"train.steps={t['steps']} must be a multiple of objective.inner_iterations={mu} "
             "(each rollout round is inner_iterations optimizer steps)",
         )
-    need(o["mc_samples"] >= 1, f"objective.mc_samples={o['mc_samples']} must be >= 1")
-    need(
-        0.0 <= m["t_min"] < m["t_max"] <= 1.0,
-        f"objective.mask.t_min={m['t_min']} and objective.mask.t_max={m['t_max']} need 0 <= t_min < t_max <= 1",
-    )
-    need(
-        0.0 <= m["prompt_mask_prob"] < 1.0,
-        f"objective.mask.prompt_mask_prob={m['prompt_mask_prob']} must be in [0, 1)",
-    )
+    _validate_objective(o, s, need)
 
     need(cfg["eval"]["every_n_steps"] >= 0, "eval.every_n_steps must be >= 0 (0 = only before and after)")
     need(cfg["eval"]["split"] in ("test", "validation"), "eval.split must be 'test' or 'validation'")
@@ -362,6 +493,79 @@ def validate(cfg: Any) -> None:
 
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _value(node: Any, key: str) -> Any:
+    value = node[key]
+    return getattr(value, "value", value)
+
+
+def _validate_mask(m: Any, where: str, copies: int | None, need: Any) -> None:
+    """Rules of one mask schedule; ``copies`` is the number of masked copies drawn per sequence."""
+    kind = _value(m, "kind")
+    need(
+        0.0 <= m["t_min"] < m["t_max"] <= 1.0,
+        f"{where}.t_min={m['t_min']} and {where}.t_max={m['t_max']} need 0 <= t_min < t_max <= 1",
+    )
+    need(0.0 <= m["prompt_mask_prob"] < 1.0, f"{where}.prompt_mask_prob={m['prompt_mask_prob']} must be in [0, 1)")
+    need(m["block_len"] >= 1, f"{where}.block_len={m['block_len']} must be >= 1")
+    if m["coupled"]:
+        need(
+            kind in ("random", "stratified"),
+            f"{where}.coupled=true needs {where}.kind random or stratified (not {kind})",
+        )
+        if copies is not None:
+            need(copies % 2 == 0, f"{where}.coupled=true draws pairs: the number of copies ({copies}) must be even")
+
+
+def _validate_objective(o: Any, s: Any, need: Any) -> None:
+    name = o["name"]
+    mu = o["inner_iterations"]
+    need(mu >= 1, f"objective.inner_iterations={mu} must be >= 1")
+    need(o["forward_chunk"] >= 0, f"objective.forward_chunk={o['forward_chunk']} must be >= 0 (0 = one forward)")
+    need(
+        0.0 <= o["max_nonfinite_frac"] <= 1.0,
+        f"objective.max_nonfinite_frac={o['max_nonfinite_frac']} must be in [0, 1]",
+    )
+    copies = o.get("mc_samples")
+    if copies is not None:
+        need(copies >= 1, f"objective.mc_samples={copies} must be >= 1")
+    if name == "gdsd":
+        need(o["mc_pairs"] >= 1, f"objective.mc_pairs={o['mc_pairs']} must be >= 1")
+        copies = 2 * o["mc_pairs"]
+        need(
+            _value(o["mask"], "kind") == "stratified" and bool(o["mask"]["coupled"]),
+            "objective=gdsd scores coupled stratified masks: objective.mask.kind must be stratified and "
+            "objective.mask.coupled true",
+        )
+        need(
+            _value(o["mask"], "weight") == "none",
+            "objective=gdsd sets the copy weights from objective.score (plain or tlc): "
+            "leave objective.mask.weight=none",
+        )
+        need(0.0 < o["epsilon"] < 1.0, f"objective.epsilon={o['epsilon']} must be in (0, 1)")
+    _validate_mask(o["mask"], "objective.mask", copies, need)
+    if name in ("spg", "elbo") and _value(o["mask"], "kind") == "blockwise":
+        need(
+            s["gen_length"] % o["mask"]["block_len"] == 0,
+            f"objective.mask.block_len={o['mask']['block_len']} must divide sampler.gen_length={s['gen_length']}",
+        )
+    if name == "spg":
+        need(o["beta"] > 0, f"objective.beta={o['beta']} must be > 0 (the EUBO's Rényi power)")
+        need(0.0 <= o["omega"] <= 1.0, f"objective.omega={o['omega']} must be in [0, 1]")
+    if name == "dmpo":
+        _validate_mask(o["rollout_mask"], "objective.rollout_mask", o["rollout_mc_samples"], need)
+        need(o["rollout_mc_samples"] >= 1, f"objective.rollout_mc_samples={o['rollout_mc_samples']} must be >= 1")
+        need(o["alpha"] >= 0 or o["alpha"] == -1, f"objective.alpha={o['alpha']} must be >= 0 (or -1: raw rewards)")
+        need(0.0 < o["coeff"] <= 1.0, f"objective.coeff={o['coeff']} must be in (0, 1]")
+        need(0.0 < o["ess_target"] <= 1.0, f"objective.ess_target={o['ess_target']} must be in (0, 1]")
+        if _value(o, "loss") == "wddo":
+            need(copies is not None and copies >= 2 and copies % 2 == 0, "objective.loss=wddo needs an even mc_samples")
+    if name in ("diffu_grpo", "wd1"):
+        need(_value(o["mask"], "kind") == "full", f"objective={name} uses the one-step estimator: mask.kind=full")
+    if name == "diffu_grpo":
+        need(o["epsilon"] > 0, f"objective.epsilon={o['epsilon']} must be > 0")
+        need(o["beta"] >= 0, f"objective.beta={o['beta']} must be >= 0")
 
 
 def check_writable(directory: str | Path, what: str) -> None:

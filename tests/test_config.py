@@ -26,7 +26,7 @@ def test_default_composition_has_every_group():
     cfg = _compose()
     for group in ("model", "objective", "task", "sampler", "cluster", "deepspeed", "logging"):
         assert group in cfg
-    assert cfg.objective.name == "elbo" and cfg.task.name == "sudoku" and cfg.model.name == "tiny"
+    assert cfg.objective.name == "spg" and cfg.task.name == "sudoku" and cfg.model.name == "tiny"
     # gen_length follows the task's completion length by interpolation.
     assert cfg.sampler.gen_length == cfg.task.completion_length == 16
     validate(cfg)
@@ -66,6 +66,14 @@ def test_enum_value_is_checked():
         (["objective.mask.t_min=0.9", "objective.mask.t_max=0.5"], ["objective.mask.t_min"]),
         (["rollout.samples_per_prompt=1"], ["rollout.samples_per_prompt"]),
         (["sampler.temperature=-1"], ["sampler.temperature"]),
+        (["objective.omega=1.5"], ["objective.omega"]),
+        (["objective.beta=0"], ["objective.beta"]),
+        (["objective/mask=coupled", "objective.mc_samples=3"], ["objective.mask.coupled"]),
+        (["objective/mask=blockwise", "objective.mask.block_len=5"], ["objective.mask.block_len"]),
+        (["objective=gdsd", "objective.mask.weight=tlc"], ["objective.mask.weight", "objective.score"]),
+        (["objective=gdsd", "objective/mask=random"], ["objective.mask.kind"]),
+        (["objective=dmpo", "objective.coeff=0"], ["objective.coeff"]),
+        (["objective=diffu_grpo", "objective/mask=random"], ["mask.kind=full"]),
     ],
 )
 def test_cross_field_rules_name_the_fields(overrides, fields):
@@ -74,6 +82,24 @@ def test_cross_field_rules_name_the_fields(overrides, fields):
         validate(cfg)
     for f in fields:
         assert f in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["spg", "elbo", "dmpo", "gdsd", "diffu_grpo", "wd1"])
+def test_every_objective_composes_and_validates(name):
+    cfg = _compose(f"objective={name}")
+    validate(cfg)
+    assert cfg.objective.name == name
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_spg_paper_settings_per_task_and_mask_schedules_are_selectable():
+    assert _compose("objective=spg").objective.beta == 1.0  # Sudoku: objective_task/spg_sudoku.yaml
+    for schedule, kind in [("random", "random"), ("coupled", "random"), ("stratified", "stratified")]:
+        cfg = _compose("objective=spg", f"objective/mask={schedule}")
+        validate(cfg)
+        assert cfg.objective.mask.kind.value == kind
+    assert _compose("objective=spg", "objective.beta=2.0").objective.beta == 2.0  # the command line wins
+    assert _compose("objective=dmpo").objective.rollout_mask.weight.value == "inv_t_empirical"
 
 
 def test_several_problems_reported_together():

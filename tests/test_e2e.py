@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Small enough for seconds on 2 cores, big enough to exercise gradient accumulation (GAS 2),
 # evaluation during training and a mid-run checkpoint.
 FAST = [
+    # one optimizer step per rollout round, so that step counts below are also round counts
+    "objective.inner_iterations=1",
     "train.steps=4",
     "rollout.prompts_per_step=4",
     "rollout.samples_per_prompt=4",
@@ -242,3 +244,29 @@ def test_worker_entry_runs_a_resolved_config(finished_run, tmp_path):
     assert summary["steps"] == 2 and json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(
         tmp_path / "rerun"
     )
+
+
+@pytest.mark.parametrize("objective", ["spg", "elbo", "dmpo", "gdsd", "diffu_grpo", "wd1"])
+def test_every_objective_trains_the_tiny_model_without_non_finite_steps(objective, finished_run):
+    root, _, _ = finished_run  # reuses its cached warm-started base
+    run_dir = root / f"obj-{objective}"
+    # Two rollout rounds of the objective's own inner iterations, with every default knob of its preset.
+    mu = {"spg": 4, "elbo": 4}.get(objective, 8)
+    proc = run_cli(
+        *[a for a in FAST if not a.startswith(("objective.", "train.steps", "eval.every", "checkpoint.every"))],
+        f"objective={objective}",
+        f"train.steps={2 * mu}",
+        "eval.every_n_steps=0",
+        f"cache_dir={root / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+        "logging=none",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2 * mu
+    for r in steps:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]), r
+        assert r["skipped"] == 0 and r["nonfinite_seq_frac"] == 0.0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["objective"] == objective and summary["steps"] == 2 * mu

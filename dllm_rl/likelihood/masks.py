@@ -1,16 +1,44 @@
-"""Mask-sampling schedules (objectives.md §1).
+"""Mask-sampling schedules (objectives.md §1): one family shared by every estimator.
 
-A schedule draws, for each sequence n and Monte Carlo copy r, a completion mask, a prompt mask and
-the copy's weight in ELBO-type sums. Every draw comes from a ``torch.Generator`` seeded from
-(run seed, rollout round, inner step, sample uid), never from the global RNG, so a mask can be
-regenerated on any rank and a resumed run replays the same masks.
+A schedule draws R masked copies of each sequence. Per copy it gives the completion positions
+replaced by the mask token, the positions whose log-probability is *scored* (a subset), a prompt
+mask, the copy's mask ratio t and its weight in ELBO-type sums. Every draw comes from a
+``torch.Generator`` seeded from (run seed, rollout round, inner step, MC slot, sample uid), never
+from the global RNG: the same seed regenerates the same mask on any rank, so the current, old and
+reference policies can be scored on identical masks and a resumed run replays them.
 
-``random`` (the schedule implemented here): t ~ U(t_min, t_max) per copy, then either
-  * ``exact``: n = clamp(⌈t·L_n⌉, 1, L_n) of the L_n valid positions masked uniformly
-    (for t ~ U(0, 1), n ~ U{1..L_n}: LLaDA's exact-count estimator), or
-  * ``bernoulli``: each valid position masked independently with probability t.
-Weights: ``inv_t_sampled`` = 1/t, ``inv_t_empirical`` = L_n / (masked count), ``none`` = 1; a copy
-with nothing masked has weight 0 (0 · (1/0) := 0).
+Scope. ``valid``: only positions up to and including the first EOS may be masked and scored; the
+post-EOS padding is always masked in the input and never scored. ``all``: every completion position.
+Below, E is the set of positions in scope and D = |E|.
+
+Kinds (per copy):
+  * ``full``       every completion position masked, E scored, t = 1 (d1 / wd1 one-step estimator).
+  * ``random``     t ~ U(t_min, t_max); ``exact``: n = clamp(⌈t·D⌉, 1, D) positions of E chosen
+                   uniformly (t ~ U(0,1) gives n ~ U{1..D}, LLaDA's exact-count form); ``bernoulli``:
+                   each position of E masked independently with probability t.
+  * ``stratified`` over a stratum of b rows (a micro-batch or a prompt group) one offset u ~ U[0,1)
+                   is shared; row j masks n_j = ⌊((u + j/b) mod 1)·(D+1)⌋ ∈ {0..D} uniformly chosen
+                   positions, t = n_j/(D+1). Each n_j is uniform on {0..D}; together they cover the
+                   ratio axis evenly (low discrepancy).
+  * ``blockwise``  (SPG) the completion is cut into blocks of ``block_len``; a block b containing a
+                   valid position is chosen per copy (``uniform_distinct``: distinct blocks across the
+                   copies, uniformly; ``reference_modulo``: SPG's permutation-modulo rule); every later
+                   block is masked, k ~ U{max(1,⌊ℓ·t_min⌋)..min(⌊ℓ·t_max⌋,ℓ)} of the ℓ valid positions
+                   of block b are masked, and every earlier position (prompt and earlier blocks) is
+                   masked with probability ``prompt_mask_prob`` (earlier completion positions masked
+                   this way are scored). ``future_blocks: include`` scores the masked later blocks
+                   (SPG's code); ``exclude`` masks them in the input only. Not an unbiased ELBO
+                   estimator under any choice: a rollout-matched surrogate.
+``coupled`` (random, stratified): copies come in pairs (base, complement); the complement masks and
+scores exactly the positions of E that the base left clean, with the same prompt mask and ratio 1 − t
+(random) or (D − n)/(D + 1) (stratified).
+
+Weights, with n the copy's scored count (0 when n = 0, i.e. 0·(1/0) := 0):
+  ``none`` 1 · ``inv_t_sampled`` 1/t · ``inv_t_empirical`` D/n (blockwise ``exclude``: D counts the
+  valid positions up to the end of the chosen block) · ``inv_count`` 1/n · ``tlc`` (D+1)/n, i.e. 1/t
+  and 1/(D/(D+1) − t) for a stratified coupled pair (GDSD-TLC / ESPO).
+Unbiased ELBO estimators (objectives.md §9): random+bernoulli+inv_t_sampled with t ~ U(0,1);
+random+exact+inv_t_empirical; the same two coupled; stratified+coupled+tlc.
 """
 
 from __future__ import annotations
@@ -22,6 +50,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+KINDS = ("full", "random", "blockwise", "stratified")
+WEIGHTS = ("none", "inv_t_sampled", "inv_t_empirical", "inv_count", "tlc")
 
 
 def mask_seed(*parts: int | str) -> int:
@@ -45,9 +76,104 @@ class MaskDraw:
             self.scored = self.completion
 
 
-def _value(cfg: Mapping[str, Any], key: str) -> Any:
-    value = cfg[key]
+def concat_draws(draws: Sequence[MaskDraw]) -> MaskDraw:
+    """Several draws of the same rows as one, copies side by side, so that one forward scores them all."""
+    return MaskDraw(
+        torch.cat([d.completion for d in draws], dim=1),
+        torch.cat([d.prompt for d in draws], dim=1),
+        torch.cat([d.weight for d in draws], dim=1),
+        torch.cat([d.t for d in draws], dim=1),
+        torch.cat([d.scored for d in draws], dim=1),  # type: ignore[misc]
+    )
+
+
+@dataclass(frozen=True)
+class Stratum:
+    """Where a row sits in its stratum: rows sharing ``seed`` share the offset u; row ``index`` of ``size``."""
+
+    seed: int
+    index: int
+    size: int
+
+
+def _value(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    value = cfg.get(key, default)
     return getattr(value, "value", value)  # Enum members from typed configs, plain strings otherwise
+
+
+def _choose(scores: torch.Tensor, eligible: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[C, L] bool: for copy c, ``counts[c]`` positions of ``eligible`` chosen uniformly (lowest scores)."""
+    ranked = scores.masked_fill(~eligible, math.inf).argsort(dim=1).argsort(dim=1)
+    return (ranked < counts.unsqueeze(1)) & eligible
+
+
+def _random_copies(cfg: Mapping[str, Any], g: torch.Generator, scope: torch.Tensor, copies: int):
+    """(scored [C, L], t [C]) for the ``random`` kind."""
+    t_min, t_max = float(cfg["t_min"]), float(cfg["t_max"])
+    t = t_min + (t_max - t_min) * torch.rand(copies, generator=g)
+    scores = torch.rand(copies, scope.numel(), generator=g)
+    mode = _value(cfg, "count_mode")
+    if mode == "exact":
+        d = int(scope.sum())
+        counts = torch.clamp(torch.ceil(t * d), min=1, max=max(d, 1)).long()
+        return _choose(scores, scope.expand(copies, -1), counts), t
+    if mode == "bernoulli":
+        return (scores < t.unsqueeze(1)) & scope, t
+    raise ValueError(f"objective.mask.count_mode={mode!r} is not implemented (exact, bernoulli)")
+
+
+def _stratified_copies(g: torch.Generator, scope: torch.Tensor, copies: int, stratum: Stratum, offsets: torch.Tensor):
+    d = int(scope.sum())
+    s = torch.remainder(offsets + stratum.index / stratum.size, 1.0)
+    counts = torch.clamp(torch.floor(s * (d + 1)), max=d).long()
+    scores = torch.rand(copies, scope.numel(), generator=g)
+    return _choose(scores, scope.expand(copies, -1), counts), counts.float() / (d + 1)
+
+
+def _pick_blocks(cfg: Mapping[str, Any], g: torch.Generator, eligible: list[int], n_blocks: int, copies: int):
+    rule = _value(cfg, "block_choice", "uniform_distinct")
+    if rule == "uniform_distinct":
+        if len(eligible) >= copies:
+            order = torch.randperm(len(eligible), generator=g)[:copies]
+        else:
+            order = torch.randint(len(eligible), (copies,), generator=g)
+        return [eligible[int(i)] for i in order]
+    if rule == "reference_modulo":
+        perm = torch.randperm(n_blocks, generator=g)
+        picks = [eligible[int(perm[c % n_blocks]) % len(eligible)] for c in range(copies)]
+        return picks
+    raise ValueError(f"objective.mask.block_choice={rule!r} is not implemented (uniform_distinct, reference_modulo)")
+
+
+def _blockwise_copies(cfg: Mapping[str, Any], g: torch.Generator, valid: torch.Tensor, copies: int, p_prompt: float):
+    """(input [C, L], scored [C, L], denominators [C], earlier-than-block [C, L] for prompt noise)."""
+    length = valid.numel()
+    block_len = int(cfg["block_len"])
+    n_blocks = math.ceil(length / block_len)
+    eligible = [b for b in range(n_blocks) if bool(valid[b * block_len : (b + 1) * block_len].any())]
+    masked = torch.zeros(copies, length, dtype=torch.bool)
+    scored = torch.zeros(copies, length, dtype=torch.bool)
+    denominators = torch.zeros(copies)
+    if not eligible:
+        return masked, scored, denominators
+    include = _value(cfg, "future_blocks", "include") == "include"
+    t_min, t_max = float(cfg["t_min"]), float(cfg["t_max"])
+    position = torch.arange(length)
+    for c, b in enumerate(_pick_blocks(cfg, g, eligible, n_blocks, copies)):
+        lo, hi = b * block_len, min((b + 1) * block_len, length)
+        in_block = (position >= lo) & (position < hi) & valid
+        ell = int(in_block.sum())
+        k_lo, k_hi = max(1, math.floor(ell * t_min)), min(math.floor(ell * t_max), ell)
+        k_hi = max(k_hi, k_lo)
+        k = int(torch.randint(k_lo, k_hi + 1, (1,), generator=g))
+        chosen = _choose(torch.rand(1, length, generator=g), in_block.unsqueeze(0), torch.tensor([k]))[0]
+        later = position >= hi
+        earlier = (position < lo) & valid
+        noise = (torch.rand(length, generator=g) < p_prompt) & earlier if p_prompt > 0 else torch.zeros_like(earlier)
+        masked[c] = chosen | later | noise | ~valid
+        scored[c] = chosen | noise | (later & valid if include else torch.zeros_like(later))
+        denominators[c] = valid.sum() if include else (valid & (position < hi)).sum()
+    return masked, scored, denominators
 
 
 def sample_masks(
@@ -56,52 +182,85 @@ def sample_masks(
     prompt_valid: torch.Tensor,
     replicates: int,
     seeds: Sequence[int],
+    strata: Sequence[Stratum] | None = None,
 ) -> MaskDraw:
     """Draw ``replicates`` masked copies of every sequence; row n uses a generator seeded by seeds[n].
 
-    completion_valid [N, L] marks positions that may be masked and scored; prompt_valid [N, P] marks
-    real (non-padding) prompt tokens.
+    completion_valid [N, L] marks valid positions v_i (up to and including the first EOS);
+    prompt_valid [N, P] marks real (non-padding) prompt tokens. ``strata`` (one per row) is needed by
+    the ``stratified`` kind.
     """
     kind = _value(cfg, "kind")
-    if kind != "random":
-        raise ValueError(f"objective.mask.kind={kind!r} is not implemented")
-    count_mode, weight_kind = _value(cfg, "count_mode"), _value(cfg, "weight")
-    t_min, t_max, p_prompt = float(cfg["t_min"]), float(cfg["t_max"]), float(cfg["prompt_mask_prob"])
+    if kind not in KINDS:
+        raise ValueError(f"objective.mask.kind={kind!r} is not implemented ({', '.join(KINDS)})")
+    weight_kind = _value(cfg, "weight")
+    if weight_kind not in WEIGHTS:
+        raise ValueError(f"objective.mask.weight={weight_kind!r} is not implemented ({', '.join(WEIGHTS)})")
+    coupled = bool(cfg.get("coupled", False))
+    if coupled and kind not in ("random", "stratified"):
+        raise ValueError(f"objective.mask.coupled=true needs kind random or stratified, not {kind!r}")
+    if coupled and replicates % 2:
+        raise ValueError(f"coupled masks come in pairs: the number of copies ({replicates}) must be even")
+    if kind == "stratified" and (strata is None or len(strata) != len(seeds)):
+        raise ValueError("objective.mask.kind=stratified needs one Stratum per row")
+    scope_all = _value(cfg, "scope", "valid") == "all"
+    p_prompt = float(cfg["prompt_mask_prob"])
+    base = replicates // 2 if coupled else replicates
+
     n_rows, length = completion_valid.shape
     prompt_len = prompt_valid.shape[1]
     completion = torch.zeros(n_rows, replicates, length, dtype=torch.bool)
+    scored = torch.zeros(n_rows, replicates, length, dtype=torch.bool)
     prompt = torch.zeros(n_rows, replicates, prompt_len, dtype=torch.bool)
     t_all = torch.zeros(n_rows, replicates)
+    denominators = torch.zeros(n_rows, replicates)
     valid_cpu, prompt_valid_cpu = completion_valid.bool().cpu(), prompt_valid.bool().cpu()
+    offsets: dict[int, torch.Tensor] = {}
     for n in range(n_rows):
         g = torch.Generator().manual_seed(int(seeds[n]))
         valid = valid_cpu[n]
-        t = t_min + (t_max - t_min) * torch.rand(replicates, generator=g)
-        scores = torch.rand(replicates, length, generator=g)
-        if count_mode == "exact":
-            n_valid = int(valid.sum())
-            counts = torch.clamp(torch.ceil(t * n_valid), min=1, max=max(n_valid, 1)).long()
-            # The `counts` lowest-scoring valid positions are a uniform subset of that size.
-            scores = scores.masked_fill(~valid, math.inf)
-            rank = scores.argsort(dim=1).argsort(dim=1)
-            completion[n] = (rank < counts.unsqueeze(1)) & valid
-        elif count_mode == "bernoulli":
-            completion[n] = (scores < t.unsqueeze(1)) & valid
+        scope = torch.ones_like(valid) if scope_all else valid
+        d = float(scope.sum())
+        if kind == "blockwise":
+            masked_n, scored_n, denominators[n] = _blockwise_copies(cfg, g, valid, base, p_prompt)
+            t_all[n] = scored_n.sum(dim=1) / denominators[n].clamp_min(1.0)
         else:
-            raise ValueError(f"objective.mask.count_mode={count_mode!r} is not implemented")
+            if kind == "full":
+                scored_n, t = scope.expand(base, -1).clone(), torch.ones(base)
+            elif kind == "random":
+                scored_n, t = _random_copies(cfg, g, scope, base)
+            else:
+                stratum = strata[n]  # type: ignore[index]
+                if stratum.seed not in offsets:
+                    offsets[stratum.seed] = torch.rand(base, generator=torch.Generator().manual_seed(stratum.seed))
+                scored_n, t = _stratified_copies(g, scope, base, stratum, offsets[stratum.seed])
+            if coupled:
+                complement = scope & ~scored_n
+                scored_n = torch.stack([scored_n, complement], dim=1).reshape(replicates, length)
+                t_comp = 1.0 - t if kind == "random" else complement.sum(dim=1).float() / (d + 1)
+                t = torch.stack([t, t_comp], dim=1).reshape(replicates)
+            if kind == "full":
+                masked_n = torch.ones_like(scored_n)
+            else:  # out-of-scope (post-EOS) positions are masked in the input, never scored
+                masked_n = scored_n | ~scope
+            t_all[n] = t
+            denominators[n] = d
+        completion[n], scored[n] = masked_n, scored_n
         if p_prompt > 0:
-            prompt[n] = (torch.rand(replicates, prompt_len, generator=g) < p_prompt) & prompt_valid_cpu[n]
-        t_all[n] = t
-    masked = completion.sum(dim=2).float()
-    n_valid = valid_cpu.sum(dim=1, keepdim=True).float()
+            noise = (torch.rand(base, prompt_len, generator=g) < p_prompt) & prompt_valid_cpu[n]
+            prompt[n] = noise.repeat_interleave(2, dim=0) if coupled else noise
+
+    counts = scored.sum(dim=2).float()
     if weight_kind == "inv_t_sampled":
         weight = 1.0 / t_all.clamp_min(1e-12)
     elif weight_kind == "inv_t_empirical":
-        weight = n_valid / masked.clamp_min(1.0)
-    elif weight_kind == "none":
-        weight = torch.ones_like(masked)
+        weight = denominators / counts.clamp_min(1.0)
+    elif weight_kind == "inv_count":
+        weight = 1.0 / counts.clamp_min(1.0)
+    elif weight_kind == "tlc":
+        weight = (denominators + 1.0) / counts.clamp_min(1.0)
     else:
-        raise ValueError(f"objective.mask.weight={weight_kind!r} is not implemented")
-    weight = torch.where(masked > 0, weight, torch.zeros_like(weight))
+        weight = torch.ones_like(counts)
+    weight = torch.where(counts > 0, weight, torch.zeros_like(weight))
     device = completion_valid.device
-    return MaskDraw(completion.to(device), prompt.to(device), weight.to(device), t_all.to(device))
+    return MaskDraw(completion.to(device), prompt.to(device), weight.to(device), t_all.to(device), scored.to(device))

@@ -1,6 +1,6 @@
 """RL objectives: one file each, registered by name (`objective=<name>`)."""
 
-from dllm_rl.objectives import elbo  # noqa: F401  (registers the objective)
+from dllm_rl.objectives import diffu_grpo, dmpo, gdsd, spg, wd1  # noqa: F401  (registers the objectives)
 from dllm_rl.objectives.base import (
     OBJECTIVES,
     Objective,

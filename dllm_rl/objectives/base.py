@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from dllm_rl.errors import ConfigError
-from dllm_rl.likelihood.masks import MaskDraw, mask_seed, sample_masks
+from dllm_rl.likelihood.bounds import masked_logp
+from dllm_rl.likelihood.masks import MaskDraw, Stratum, mask_seed, sample_masks
 
 
 @dataclass
@@ -51,6 +52,17 @@ def group_mean_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tenso
     return (r - r.mean(dim=1, keepdim=True)).view(-1)
 
 
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A_j = r_j − mean of the other G−1 rewards of its group = G/(G−1)·(r_j − group mean) (RLOO)."""
+    return group_mean_advantages(rewards, group_size) * (group_size / (group_size - 1))
+
+
+def option(cfg: Mapping[str, Any], key: str) -> Any:
+    """A config value with Enum members read as their plain string."""
+    value = cfg[key]
+    return getattr(value, "value", value)
+
+
 class Objective(abc.ABC):
     """A policy loss computed from a RolloutBatch.
 
@@ -80,10 +92,45 @@ class Objective(abc.ABC):
     @abc.abstractmethod
     def loss(self, batch: RolloutBatch, policy: Any, inner_step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
 
-    def draw_masks(self, batch: RolloutBatch, inner_step: int, replicates: int, slot: str = "") -> MaskDraw:
-        """Masks for this micro-batch, one generator per sample seeded by (seed, round, step, uid)."""
-        seeds = [mask_seed(self.seed, batch.round, inner_step, slot, int(u)) for u in batch.sample_uid.tolist()]
-        return sample_masks(self.cfg["mask"], batch.completion_mask, batch.prompt_attention.bool(), replicates, seeds)
+    def logp(self, logits_fn: Any, batch: RolloutBatch, masks: MaskDraw, mask_id: int) -> torch.Tensor:
+        """log f(x_i | row) [N, R, L] at every scored position of every copy, in one (or chunked) forward."""
+        return masked_logp(
+            logits_fn,
+            batch.prompt_ids,
+            batch.prompt_attention,
+            batch.completion_ids,
+            masks,
+            mask_id,
+            chunk_rows=int(self.cfg.get("forward_chunk", 0)),
+        )
+
+    def draw_masks(
+        self,
+        batch: RolloutBatch,
+        inner_step: int,
+        replicates: int,
+        slot: int | str = "",
+        mask_cfg: Mapping[str, Any] | None = None,
+    ) -> MaskDraw:
+        """Masks for these rows: one generator per sample seeded by (seed, round, inner step, slot, uid).
+
+        A row's masks depend only on its uid and these keys, never on which other rows are drawn with
+        it, so the same call made in ``prepare`` and in ``loss`` yields identical masks for the old,
+        reference and current policies. Stratified schedules share an offset over a stratum of rows:
+        a fixed slice of uids (the micro-batch, or the prompt group).
+        """
+        cfg = self.cfg["mask"] if mask_cfg is None else mask_cfg
+        uids = batch.sample_uid.tolist()
+        seeds = [mask_seed(self.seed, batch.round, inner_step, slot, int(u)) for u in uids]
+        strata = None
+        if getattr(cfg["kind"], "value", cfg["kind"]) == "stratified":
+            over = getattr(cfg["stratify_over"], "value", cfg["stratify_over"])
+            size = self.group_size if over == "group" else self.micro_batch
+            strata = [
+                Stratum(mask_seed(self.seed, batch.round, inner_step, slot, "stratum", u // size), u % size, size)
+                for u in uids
+            ]
+        return sample_masks(cfg, batch.completion_mask, batch.prompt_attention.bool(), replicates, seeds, strata)
 
 
 def finite_or_zero(values: torch.Tensor) -> tuple[torch.Tensor, int]:

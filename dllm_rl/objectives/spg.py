@@ -1,0 +1,98 @@
+"""SPG — Sandwiched Policy Gradient (arXiv:2510.09541), and its one-sided baseline, ELBO-PG.
+
+    J_SPG(θ) = E[ (1/G) Σ_j ( 1[A_j > 0]·A_j·ELBO_θ(x_j) + 1[A_j ≤ 0]·A_j·V⁻_θ(x_j) ) ],  A_j = r_j − mean_k r_k
+
+Since ELBO ≤ log π ≤ EUBO, pushing a positive sample up through its lower bound and a negative one
+down through its upper bound maximises a lower bound of the group objective. Per sequence, with m
+masked copies τ (block-wise by default), w_τ = 1/t_τ and the scored positions S_τ:
+
+    V⁺_j   = (1/m) Σ_τ w_τ Σ_{i∈S_τ} log π_θ(x_i | c'_τ, z_τ)                          (ELBO, sequence scale)
+    log P̄_i = log[(1/m) Σ_{τ: i∈S_τ} w_τ π_θ(x_i | ·)^β]       (computed with logsumexp: no underflow)
+    V^EUBO_j = L_j · mean_{i∈S_j} (1/β) log P̄_i   (mean_x_len)   or   Σ_{i∈S_j} (1/β) log P̄_i   (sum)
+    V⁻_j   = eubo: V^EUBO_j | mix: ω·V^EUBO_j + (1−ω)·V⁺_j | elbo: V⁺_j | zero: 0
+
+    loss = Σ_j (−A_j·V_j) / Σ_j L_j   (token_weighted, reference code)   or   (1/N) Σ_j (−A_j·V_j)   (per_sequence)
+
+``objective=elbo`` is the same loss with V⁻ = V⁺: for A_j < 0 it lowers a *lower* bound of log π,
+which guarantees nothing about log π — the gap SPG closes. No ratio, clip, KL or reference model;
+the rollouts are reused μ times with fresh masks and no off-policy correction (the drift of the
+per-token ELBO between the first and the last inner step is logged to show what that costs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dllm_rl.likelihood.bounds import elbo, eubo, mixture
+from dllm_rl.objectives.base import Objective, RolloutBatch, finite_or_zero, option, register_objective
+
+
+@register_objective("spg")
+class SPGObjective(Objective):
+    def negative_surrogate(self) -> str:
+        return option(self.cfg, "negative_surrogate")
+
+    def prepare(self, batch: RolloutBatch, policy: Any) -> None:
+        self._first_elbo: dict[int, float] = {}
+
+    def loss(self, batch: RolloutBatch, policy: Any, inner_step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        masks = self.draw_masks(batch, inner_step, int(self.cfg["mc_samples"]))
+        logp = self.logp(policy.logits, batch, masks, policy.mask_id)
+        lengths = batch.completion_mask.sum(dim=1).clamp_min(1).to(logp.dtype)
+        a = batch.advantages.to(logp.dtype)
+        v_pos = elbo(logp, masks.scored, masks.weight)
+        surrogate = self.negative_surrogate()
+        v_eubo = None
+        if surrogate in ("eubo", "mix"):
+            beta = float(self.cfg["beta"])
+            v_eubo = eubo(logp, masks.scored, masks.weight, beta, lengths, option(self.cfg, "eubo_aggregation"))
+        if surrogate == "eubo":
+            v_neg = v_eubo
+        elif surrogate == "mix":
+            v_neg = mixture(v_eubo, v_pos, float(self.cfg["omega"]))
+        elif surrogate == "elbo":
+            v_neg = v_pos
+        else:
+            v_neg = torch.zeros_like(v_pos)
+        v, bad = finite_or_zero(torch.where(a > 0, v_pos, v_neg))
+        if option(self.cfg, "loss_norm") == "per_sequence":
+            loss = (-a * v).mean()
+        else:
+            loss = (-a * v).sum() / lengths.sum()
+
+        negative = a < 0
+        per_token = (v_pos.detach() / lengths).nan_to_num()
+        metrics = {
+            "elbo_per_token": float(per_token.mean()),
+            "neg_adv_frac": float(negative.float().mean()),
+            "scored_frac": float(masks.scored.float().mean()),
+            "nonfinite_seqs": bad,
+            "num_seqs": len(batch),
+        }
+        if v_eubo is not None and bool(negative.any()):
+            gap = ((v_eubo.detach() - v_pos.detach()) / lengths)[negative]
+            metrics["eubo_elbo_gap_per_token"] = float(gap.nan_to_num().mean())
+        self._track_drift(batch, per_token, inner_step, metrics)
+        return loss, metrics
+
+    def _track_drift(self, batch: RolloutBatch, per_token: torch.Tensor, inner_step: int, metrics: dict) -> None:
+        """Per-token ELBO change of the same samples between inner steps 1 and μ (fresh masks each time)."""
+        mu = int(self.cfg["inner_iterations"])
+        if mu < 2:
+            return
+        uids = batch.sample_uid.tolist()
+        if inner_step == 0:
+            self._first_elbo.update(zip(uids, per_token.tolist(), strict=True))
+        elif inner_step == mu - 1 and self._first_elbo:
+            first = torch.tensor([self._first_elbo.get(u, float("nan")) for u in uids])
+            metrics["elbo_drift_per_token"] = float((per_token.cpu() - first).nanmean())
+
+
+@register_objective("elbo")
+class ELBOObjective(SPGObjective):
+    """ELBO-PG ("SPG w/ ELBO"): the ELBO for every sample, whatever the sign of its advantage."""
+
+    def negative_surrogate(self) -> str:
+        return "elbo"
