@@ -147,3 +147,11 @@ def test_every_yaml_key_is_commented():
             value = stripped.split(":", 1)[1].strip()
             is_section = value == ""
             assert previous.startswith("#") or is_section, f"{path.name}:{i + 1} key '{key}' has no comment"
+
+
+def test_objectives_sweep_gives_every_objective_the_same_budget():
+    cfg = _compose("+sweep=objectives")
+    validate(cfg)
+    assert cfg.train.steps == 320 and cfg.eval.every_n_steps == 0
+    for name in ("spg", "elbo", "dmpo", "gdsd", "diffu_grpo", "wd1"):
+        validate(_compose("+sweep=objectives", f"objective={name}"))
