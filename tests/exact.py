@@ -173,3 +173,18 @@ def tlc_pair_law(length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def complement_index(length: int) -> torch.Tensor:
     """[2^L] long: index of S^c for every subset index S."""
     return (2**length - 1) - torch.arange(2**length)
+
+
+# A plain random exact-count schedule: L/n weights, no prompt masking; cfg(**changes) varies it.
+MASK_CFG = {
+    "kind": "random",
+    "count_mode": "exact",
+    "weight": "inv_t_empirical",
+    "t_min": 0.0,
+    "t_max": 1.0,
+    "prompt_mask_prob": 0.0,
+}
+
+
+def cfg(**kw) -> dict:
+    return {**MASK_CFG, **kw}

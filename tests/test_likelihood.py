@@ -10,6 +10,7 @@ from exact import (
     MASK,
     VOCAB,
     beta_weight,
+    cfg,
     draw,
     exact_elbo,
     exact_logp,
@@ -34,20 +35,6 @@ def library_exact_elbo(table: torch.Tensor) -> float:
     r = masks.shape[0]
     weights = torch.tensor([r * beta_weight(int(m.sum()), length) for m in masks], dtype=torch.float64)
     return float(elbo(table[1:][None], masks[None], weights[None])[0])
-
-
-MASK_CFG = {
-    "kind": "random",
-    "count_mode": "exact",
-    "weight": "inv_t_empirical",
-    "t_min": 0.0,
-    "t_max": 1.0,
-    "prompt_mask_prob": 0.0,
-}
-
-
-def cfg(**kw) -> dict:
-    return {**MASK_CFG, **kw}
 
 
 # ------------------------------------------------------------------------------------- masked_logp

@@ -6,28 +6,10 @@ import math
 
 import pytest
 import torch
-from exact import exact_elbo, random_table
+from exact import cfg, exact_elbo, random_table, subset_index
 
 from dllm_rl.likelihood import mask_seed, sample_masks
 from dllm_rl.likelihood.masks import Stratum
-
-MASK_CFG = {
-    "kind": "random",
-    "count_mode": "exact",
-    "weight": "inv_t_empirical",
-    "t_min": 0.0,
-    "t_max": 1.0,
-    "prompt_mask_prob": 0.0,
-}
-
-
-def cfg(**kw) -> dict:
-    return {**MASK_CFG, **kw}
-
-
-def subset_index(masks: torch.Tensor) -> torch.Tensor:
-    """Bit pattern of each mask row along the last dimension (bit i = position i masked)."""
-    return (masks.long() << torch.arange(masks.shape[-1])).sum(-1)
 
 
 def test_exact_count_schedule_is_uniform_over_counts_and_subsets():
