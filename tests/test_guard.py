@@ -4,11 +4,13 @@ steps are skipped, that a skipped step changes nothing, and the abort with a las
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
+from dllm_rl.config import OptimCfg
 from dllm_rl.errors import DllmRlError, NonFiniteError
 from dllm_rl.models.policy import build_tiny, load_pretrained
 from dllm_rl.objectives import RolloutBatch, group_mean_advantages
@@ -86,14 +88,7 @@ def _cfg(stage: int, loss_forward_dropout: bool = True) -> dict:
             "max_nonfinite_frac": 0.5,
         },
         "train": {"micro_batch_per_gpu": MICRO, "max_skipped_steps": LIMIT},
-        "optim": {
-            "lr": 1e-2,
-            "betas": [0.9, 0.99],
-            "eps": 1e-8,
-            "weight_decay": 0.0,
-            "max_grad_norm": 1.0,
-            "warmup_steps": 0,
-        },
+        "optim": asdict(OptimCfg(lr=1e-2, max_grad_norm=1.0)),
         "deepspeed": {"zero_optimization": zero, "bf16": {"enabled": False}},
         "checkpoint": {"keep_last": 2},
         "logging": {"backend": "none"},

@@ -4,10 +4,12 @@ DeepSpeed engine applies exactly the AdamW step plain PyTorch would."""
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 
 import pytest
 import torch
 
+from dllm_rl.config import OptimCfg
 from dllm_rl.likelihood.bounds import elbo, masked_logp
 from dllm_rl.models.policy import build_tiny
 from dllm_rl.objectives import RolloutBatch, get_objective, group_mean_advantages
@@ -132,14 +134,7 @@ def test_deepspeed_engine_step_equals_plain_adamw():
         "cluster": {"nproc": 1},
         "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2},
         "train": {"micro_batch_per_gpu": 4},
-        "optim": {
-            "lr": 1e-2,
-            "betas": [0.9, 0.99],
-            "eps": 1e-8,
-            "weight_decay": 0.0,
-            "max_grad_norm": 100.0,
-            "warmup_steps": 0,
-        },
+        "optim": asdict(OptimCfg(lr=1e-2, max_grad_norm=100.0)),
         "deepspeed": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}},
     }
     engine, *_ = deepspeed.initialize(

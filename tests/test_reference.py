@@ -3,10 +3,13 @@ the adapter switched off for LoRA (no second copy), and `Policy.scoring()`."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from dllm_rl.config import OptimCfg
 from dllm_rl.models.policy import Policy, build_tiny
 
 MODEL_CFG = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 64, "dtype": "float32"}
@@ -133,14 +136,7 @@ def test_lora_reference_through_a_deepspeed_engine(stage):
         "cluster": {"nproc": 1},
         "rollout": {"prompts_per_step": 1, "samples_per_prompt": 3},
         "train": {"micro_batch_per_gpu": 3},
-        "optim": {
-            "lr": 1e-2,
-            "betas": [0.9, 0.99],
-            "eps": 1e-8,
-            "weight_decay": 0.0,
-            "max_grad_norm": 1.0,
-            "warmup_steps": 0,
-        },
+        "optim": asdict(OptimCfg(lr=1e-2, max_grad_norm=1.0)),
         "deepspeed": {"zero_optimization": zero, "bf16": {"enabled": False}},
     }
     engine, *_ = deepspeed.initialize(
