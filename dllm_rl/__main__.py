@@ -28,9 +28,12 @@ def _summary_line(summary: dict) -> str:
     base, final = summary["base_metric"], summary["final_metric"]
     change = "" if base is None else f"{base:.4f} -> "
     delta = "" if base is None else f" ({100 * (final - base):+.1f} pts)"
+    best = ""
+    if summary.get("best_test_metric") is not None:
+        best = f" | best on validation: step {summary['best_step']}, test {summary['best_test_metric']:.4f}"
     return (
-        f"{summary['objective']} on {summary['task']}: test {name} {change}{final:.4f}{delta} | "
-        f"{summary['steps']} steps | wall {summary['wall_seconds']:.0f} s | run dir {summary['run_dir']}"
+        f"{summary['objective']} on {summary['task']}: {summary['final_split']} {name} {change}{final:.4f}{delta}"
+        f"{best} | {summary['steps']} steps | wall {summary['wall_seconds']:.0f} s | run dir {summary['run_dir']}"
     )
 
 

@@ -59,6 +59,26 @@ def save(engine: Any, policy: Policy, root: Path, tag: str, client_state: dict[s
     return final
 
 
+def export(engine: Any, policy: Policy, root: Path, tag: str) -> str:
+    """A save_pretrained export alone (no optimizer state) as root/<tag>/hf, replaced atomically
+    (collective). Used for checkpoints/best, which is only ever loaded for evaluation."""
+    weights = _gathered_weights(engine)
+    final = root / tag
+    if _is_main():
+        staging = root / f".staging-{tag}"
+        shutil.rmtree(staging, ignore_errors=True)
+        policy.save(staging / "hf", state_dict=weights)
+        # Rename the old export aside first so that a crash leaves either the old or the new one.
+        old = root / f".old-{tag}"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return str(final / "hf")
+
+
 def _gathered_weights(engine: Any) -> dict[str, Any] | None:
     """Under ZeRO-3 the module's own tensors are empty partitions, so the export needs the weights
     gathered (collective, one layer at a time, complete on rank 0 only); None: the module holds them."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from dllm_rl.errors import ConfigError
 
@@ -217,27 +217,114 @@ class WD1Cfg(ObjectiveCfg):
 @dataclass
 class TaskCfg:
     name: str = MISSING
+    # rollout decoding: L tokens, B per block, T denoising steps (the sampler group reads these)
     completion_length: int = MISSING
+    block_length: int = MISSING
+    diffusion_steps: int = MISSING
     seed: int = 42
+    prompt_style: str = "compact"
+    # reward functions (registered names or module:function); null = the task's own
+    rewards: list[str] | None = None
+    validation_size: int = 256
+    # evaluation protocol (python -m dllm_rl.evaluate): lengths, subset of the test split
+    eval_gen_lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
+    eval_subset_size: int | None = None
+    eval_subset_seed: int = 42
+    # prompts longer than this many tokens: drop (count them) | error | left_truncate; null = no cap
+    max_prompt_tokens: int | None = None
+    on_prompt_overflow: str = "drop"
+    # supervised steps the embedded tiny model gets on this task (warmstart.steps follows it)
+    warmstart_steps: int = 100
 
 
 @dataclass
 class SudokuTaskCfg(TaskCfg):
     name: str = "sudoku"
     completion_length: int = 16
+    block_length: int = 16
+    diffusion_steps: int = 8
     split: str = "leak_free"
     train_grids: int = 200
     train_size: int = 20000
-    validation_size: int = 256
     test_size: int = 256
     blanks_min: int = 6
     blanks_max: int = 10
     test_blanks: int = 8
     require_unique: bool = False
     credit_alternative_solutions: bool = True
+    few_shot: int = 3
     train_file: str | None = None
     validation_file: str | None = None
     test_file: str | None = None
+
+
+@dataclass
+class CountdownTaskCfg(TaskCfg):
+    name: str = "countdown"
+    warmstart_steps: int = 400
+    completion_length: int = 16
+    block_length: int = 16
+    diffusion_steps: int = 8
+    validation_size: int = 500
+    train_size: int = 20000
+    test_size: int = 256
+    number_min: int = 1
+    number_max: int = 100
+    target_min: int = 1
+    target_max: int = 100
+    # share of instances that are additive / need * / need / (tasks.md §3.2)
+    class_mix: list[float] = field(default_factory=lambda: [0.895, 0.039, 0.066])
+    reward_mode: str = "fixed"
+    train_hub_id: str | None = None
+    train_hub_config: str | None = None
+    train_hub_split: str = "train"
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+
+
+@dataclass
+class HubTaskCfg(TaskCfg):
+    """A task whose data comes from the hub or from local files (GSM8K, MATH500)."""
+
+    completion_length: int = 256
+    block_length: int = 32
+    diffusion_steps: int = 128
+    prompt_style: str = "chat"
+    reward_mode: str = "fixed"
+    train_hub_id: str | None = None
+    train_hub_config: str | None = None
+    train_hub_split: str = "train"
+    test_hub_id: str | None = None
+    test_hub_config: str | None = None
+    test_hub_split: str = "test"
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+
+
+@dataclass
+class GSM8KTaskCfg(HubTaskCfg):
+    name: str = "gsm8k"
+    train_hub_id: str | None = "openai/gsm8k"
+    train_hub_config: str | None = "main"
+    test_hub_id: str | None = "openai/gsm8k"
+    test_hub_config: str | None = "main"
+    # xml: the five-function d1 reward; boxed: GDSD's single exact-match reward (tasks.md §1.6)
+    variant: str = "xml"
+
+
+@dataclass
+class Math500TaskCfg(HubTaskCfg):
+    name: str = "math500"
+    train_hub_id: str | None = "ankner/math-500"
+    test_hub_id: str | None = "HuggingFaceH4/MATH-500"
+    # hendrycks: normalised string match (d1); math_verify: symbolic equivalence (GDSD)
+    verifier: str = "hendrycks"
+    # seconds math-verify may spend on one comparison
+    verify_timeout: float = 5.0
+    # where the prediction's \boxed{} is taken from: anywhere (d1) | answer_tags (GDSD math_xml)
+    math_pred_region: str = "anywhere"
 
 
 class Remasking(Enum):
@@ -315,7 +402,7 @@ class OptimCfg:
 
 @dataclass
 class EvalCfg:
-    split: str = "test"
+    splits: list[str] = field(default_factory=lambda: ["validation", "test"])
     every_n_steps: int = 150
     before_train: bool = True
     num_examples: int | None = None
@@ -339,6 +426,18 @@ class CheckpointCfg:
 
 
 @dataclass
+class EvaluateCfg:
+    checkpoint: str | None = None
+    split: str = "test"
+    gen_lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
+    block_length: int = 32
+    steps_per_token: float = 0.5
+    subset_size: int | None = None
+    subset_seed: int = 42
+    batch_size: int = 8
+
+
+@dataclass
 class Config:
     model: Any = MISSING
     objective: Any = MISSING
@@ -353,6 +452,7 @@ class Config:
     eval: EvalCfg = field(default_factory=EvalCfg)
     warmstart: WarmstartCfg = field(default_factory=WarmstartCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
     seed: int = 0
     run_name: str = MISSING
     output_dir: str = "outputs"
@@ -360,8 +460,17 @@ class Config:
     log_every: int = 10
 
 
+def _by_style(style: str, compact: Any, chat: Any) -> Any:
+    """``${by_style:${.prompt_style},<compact value>,<chat value>}``: a task default that depends on its style."""
+    if style not in ("compact", "chat"):
+        raise ConfigError(f"task.prompt_style={style!r} must be 'compact' or 'chat'")
+    return compact if style == "compact" else chat
+
+
 def register_configs() -> None:
-    """Put every schema in Hydra's ConfigStore (called on package import)."""
+    """Put every schema in Hydra's ConfigStore and the config resolvers in OmegaConf (on package import)."""
+    if not OmegaConf.has_resolver("by_style"):
+        OmegaConf.register_new_resolver("by_style", _by_style)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, name, node in [
@@ -373,6 +482,9 @@ def register_configs() -> None:
         ("objective", "base_diffu_grpo", DiffuGRPOCfg),
         ("objective", "base_wd1", WD1Cfg),
         ("task", "base_sudoku", SudokuTaskCfg),
+        ("task", "base_countdown", CountdownTaskCfg),
+        ("task", "base_gsm8k", GSM8KTaskCfg),
+        ("task", "base_math500", Math500TaskCfg),
         ("sampler", "base_sampler", SamplerCfg),
         ("cluster", "base_cluster", ClusterCfg),
         ("deepspeed", "base_deepspeed", DeepSpeedCfg),
@@ -455,7 +567,22 @@ def validate(cfg: Any) -> None:
     _validate_objective(o, s, need)
 
     need(cfg["eval"]["every_n_steps"] >= 0, "eval.every_n_steps must be >= 0 (0 = only before and after)")
-    need(cfg["eval"]["split"] in ("test", "validation"), "eval.split must be 'test' or 'validation'")
+    splits = list(cfg["eval"]["splits"])
+    need(
+        bool(splits) and all(x in ("validation", "test") for x in splits) and len(set(splits)) == len(splits),
+        f"eval.splits={splits} must list validation and/or test, each once",
+    )
+    tcfg = cfg["task"]
+    need(
+        tcfg.get("on_prompt_overflow", "drop") in ("drop", "error", "left_truncate"),
+        f"task.on_prompt_overflow={tcfg.get('on_prompt_overflow')!r} must be drop, error or left_truncate",
+    )
+    cap = tcfg.get("max_prompt_tokens")
+    need(cap is None or cap >= 1, f"task.max_prompt_tokens={cap} must be >= 1 (or null: no cap)")
+    need(
+        tcfg.get("prompt_style", "compact") in ("compact", "chat"),
+        f"task.prompt_style={tcfg.get('prompt_style')!r} must be compact or chat",
+    )
     ckpt = cfg["checkpoint"]
     need(ckpt["every_n_steps"] >= 0, "checkpoint.every_n_steps must be >= 0 (0 = only at the end)")
     need(ckpt["keep_last"] >= 1, "checkpoint.keep_last must be >= 1")
@@ -486,13 +613,20 @@ def validate(cfg: Any) -> None:
             errors.append(f"model.path={model_path}: no such directory (give a save_pretrained checkpoint)")
         elif not (p / "config.json").is_file():
             errors.append(f"model.path={model_path}: no config.json in it (not a save_pretrained checkpoint)")
-    for key in ("train_file", "validation_file", "test_file"):
-        value = cfg["task"].get(key)
-        if value is not None and not Path(os.path.expanduser(str(value))).is_file():
-            errors.append(f"task.{key}={value}: no such file")
+    errors += task_file_errors(cfg["task"])
 
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def task_file_errors(task: Any) -> list[str]:
+    """One message per data file named in the task config that does not exist."""
+    errors = []
+    for key in ("train_file", "validation_file", "test_file"):
+        value = task.get(key)
+        if value is not None and not Path(os.path.expanduser(str(value))).exists():
+            errors.append(f"task.{key}={value}: no such file or directory")
+    return errors
 
 
 def _value(node: Any, key: str) -> Any:

@@ -11,7 +11,6 @@ evaluate before, every N steps and at the end; checkpoint every K steps and at t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -24,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from dllm_rl import checkpoint
+from dllm_rl import checkpoint, evaluation
 from dllm_rl.errors import NonFiniteError
 from dllm_rl.likelihood.masks import mask_seed
 from dllm_rl.models.policy import Policy
@@ -35,6 +34,8 @@ from dllm_rl.tracking import Tracker
 log = logging.getLogger(__name__)
 
 LAST_GOOD = "last_good"  # checkpoint tag written before aborting on repeated non-finite steps
+BEST = "best"  # save_pretrained export of the weights with the best validation metric so far
+EVAL_PREFIX = {"test": "eval", "validation": "val"}  # metric-name prefixes in metrics.jsonl and wandb
 
 
 class PromptStream:
@@ -95,45 +96,45 @@ class Trainer:
         self.group = int(cfg["rollout"]["samples_per_prompt"])
         self.prompts_per_step = int(cfg["rollout"]["prompts_per_step"])
         self.mu = int(cfg["objective"]["inner_iterations"])
-        self.train_examples = task.dataset("train").to_list()
+        self.truncate_prompts_to = evaluation.truncation(task.cfg)
+        self.dropped_prompts: dict[str, int] = {}
+        self.train_examples = self._examples("train", "prompt", "", None)
+        self.eval_examples: dict[str, list[dict[str, Any]]] = {}  # filled on a split's first evaluation
         self.stream = PromptStream(len(self.train_examples), self.seed)
         self.global_step = 0
         self.last_skip_reason: str | None = None
         self.skip_streak: list[str] = []  # reasons of the consecutive skipped steps up to now
 
-    # ------------------------------------------------------------------ rollout
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[str],
-        micro_batch: int,
-        temperature: float | None,
-        generator: torch.Generator | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Prompt ids, attention, completion ids and forward passes for a list of prompts."""
-        prompt_ids, attention = self.policy.encode_prompts(prompts)
-        outputs, nfe = [], 0
-        with self.policy.scoring():
-            for lo in range(0, len(prompts), micro_batch):
-                out = self.sampler.generate(
-                    self.policy.logits,
-                    prompt_ids[lo : lo + micro_batch],
-                    attention[lo : lo + micro_batch],
-                    self.policy.mask_id,
-                    generator=generator,
-                    temperature=temperature,
-                )
-                outputs.append(out.completion_ids)
-                nfe += out.nfe
-        return prompt_ids, attention, torch.cat(outputs), nfe
+    def _examples(self, split: str, column: str, prefill: str, cap: int | None) -> list[dict[str, Any]]:
+        """A split's rows (the first ``cap`` of them), without prompts over task.max_prompt_tokens."""
+        data = self.task.dataset(split)
+        if cap is not None:
+            data = data.select(range(min(int(cap), len(data))))
+        examples, dropped = evaluation.fit_prompts(self.policy, self.task, data.to_list(), column, prefill, split)
+        self.dropped_prompts[split] = dropped
+        return examples
 
+    def _eval_examples(self, split: str) -> list[dict[str, Any]]:
+        if split not in self.eval_examples:
+            cap = self.cfg["eval"]["num_examples"]
+            self.eval_examples[split] = self._examples(split, "eval_prompt", self.task.eval_prefill, cap)
+        return self.eval_examples[split]
+
+    # ------------------------------------------------------------------ rollout
     def rollout(self, round_index: int) -> tuple[RolloutBatch, dict[str, float]]:
         start = time.perf_counter()
         indices = self.stream.next(self.prompts_per_step)
         examples = [self.train_examples[i] for i in indices for _ in range(self.group)]
         generator = torch.Generator(device=self.policy.device).manual_seed(mask_seed(self.seed, "rollout", round_index))
-        prompt_ids, attention, completion_ids, nfe = self.generate(
-            [ex["prompt"] for ex in examples], int(self.cfg["rollout"]["micro_batch"]), None, generator
+        prompt_ids, attention, completion_ids, nfe = evaluation.generate(
+            self.policy,
+            self.sampler,
+            [ex["prompt"] for ex in examples],
+            int(self.cfg["rollout"]["micro_batch"]),
+            None,
+            generator,
+            chat=self.task.chat,
+            max_prompt_tokens=self.truncate_prompts_to,
         )
         gen_seconds = time.perf_counter() - start
         texts = self.policy.decode(completion_ids)
@@ -292,24 +293,21 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, tag: str) -> dict[str, float]:
-        ecfg = self.cfg["eval"]
-        data = self.task.dataset(ecfg["split"])
-        if ecfg["num_examples"] is not None:
-            data = data.select(range(min(int(ecfg["num_examples"]), len(data))))
-        examples = data.to_list()
+    def evaluate(self, split: str, step: int) -> dict[str, float]:
+        """Greedy evaluation of one split; generations go to eval/[validation_]step_<n>.jsonl."""
         start = time.perf_counter()
-        _, _, completion_ids, _ = self.generate([ex["prompt"] for ex in examples], int(ecfg["batch_size"]), 0.0, None)
-        texts = self.policy.decode(completion_ids)
-        metrics = self.task.metrics(texts, examples)
-        rewards = [total_reward(self.task.reward(t, ex)) for t, ex in zip(texts, examples, strict=True)]
-        metrics["reward_mean"] = float(np.mean(rewards))
+        metrics, records = evaluation.score(
+            self.policy,
+            self.sampler,
+            self.task,
+            self._eval_examples(split),
+            int(self.cfg["eval"]["batch_size"]),
+            self.truncate_prompts_to,
+        )
         metrics["seconds"] = time.perf_counter() - start
-        out_dir = self.run_dir / "eval"
-        out_dir.mkdir(exist_ok=True)
-        with (out_dir / f"{tag}.jsonl").open("w") as f:
-            for ex, text, r in zip(examples, texts, rewards, strict=True):
-                f.write(json.dumps({"prompt": ex["prompt"], "completion": text, "reward": r}) + "\n")
+        name = f"step_{step}.jsonl" if split == "test" else f"{split}_step_{step}.jsonl"
+        evaluation.write_jsonl(self.run_dir / "eval" / name, records)
+        self.tracker.log(step, {f"{EVAL_PREFIX[split]}/{k}": v for k, v in metrics.items()})
         return metrics
 
     # ------------------------------------------------------------------ checkpoint
@@ -337,6 +335,27 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ loop
+    def evaluate_all(self, step: int, evals: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+        """Every split of eval.splits at this step; the validation metric picks checkpoints/best."""
+        results = {}
+        for split in self.cfg["eval"]["splits"]:
+            results[split] = self.evaluate(split, step)
+            evals.append({"step": step, "split": split, **results[split]})
+            log.info("%s at step %d: %s", split, step, _fmt(results[split]))
+        if "validation" in results:
+            value = results["validation"][self.task.primary_metric]
+            if self.best is None or value > self.best["validation"][self.task.primary_metric]:
+                # Step 0 is the starting model itself: nothing to export.
+                root = self.run_dir / "checkpoints"
+                export = checkpoint.export(self.engine, self.policy, root, BEST) if step else None
+                self.best = {
+                    "step": step,
+                    "validation": results["validation"],
+                    "test": results.get("test"),
+                    "export": export,
+                }
+        return results
+
     def fit(self) -> dict[str, Any]:
         steps = int(self.cfg["train"]["steps"])
         eval_every = int(self.cfg["eval"]["every_n_steps"])
@@ -344,12 +363,9 @@ class Trainer:
         log_every = max(1, int(self.cfg["log_every"]))
         primary = self.task.primary_metric
         start = time.perf_counter()
-
-        base = self.evaluate("step_0") if self.cfg["eval"]["before_train"] else None
-        if base is not None:
-            self.tracker.log(0, {f"eval/{k}": v for k, v in base.items()})
-            log.info("base: %s", _fmt(base))
-        evals: list[dict[str, Any]] = [{"step": 0, **base}] if base else []
+        self.best: dict[str, Any] | None = None
+        evals: list[dict[str, Any]] = []
+        base = self.evaluate_all(0, evals).get("test") if self.cfg["eval"]["before_train"] else None
 
         bar = tqdm(total=steps, desc="RL", unit="step", dynamic_ncols=True, leave=True)
         rounds = steps // self.mu
@@ -381,24 +397,23 @@ class Trainer:
                         ),
                     )
                 if eval_every and self.global_step % eval_every == 0 and self.global_step < steps:
-                    result = self.evaluate(f"step_{self.global_step}")
-                    self.tracker.log(self.global_step, {f"eval/{k}": v for k, v in result.items()})
-                    evals.append({"step": self.global_step, **result})
-                    log.info("eval at step %d: %s", self.global_step, _fmt(result))
+                    self.evaluate_all(self.global_step, evals)
                 if ckpt_every and self.global_step % ckpt_every == 0 and self.global_step < steps:
                     self.save(f"step_{self.global_step}", round_index)
         bar.close()
 
-        final = self.evaluate(f"step_{self.global_step}")
-        self.tracker.log(self.global_step, {f"eval/{k}": v for k, v in final.items()})
-        evals.append({"step": self.global_step, **final})
+        results = self.evaluate_all(self.global_step, evals)
+        final = results.get("test", results.get("validation"))
         ckpt = self.save("final", rounds)
         wall = time.perf_counter() - start
         return {
             "primary_metric": primary,
             "base": base,
             "final": final,
+            "final_split": "test" if "test" in results else "validation",
+            "best": self.best,
             "evals": evals,
+            "dropped_prompts": self.dropped_prompts,
             "steps": self.global_step,
             "rl_wall_seconds": wall,
             "checkpoint": str(ckpt),

@@ -62,7 +62,7 @@ def train_base(policy: Policy, task: Task, ws_cfg: Mapping[str, Any], length: in
     batch_size, t_min = int(ws_cfg["batch_size"]), float(ws_cfg["t_min"])
     for _ in range(int(ws_cfg["steps"])):
         rows = [examples[i] for i in torch.randint(len(examples), (batch_size,), generator=g).tolist()]
-        prompt_ids, prompt_attn = policy.encode_prompts([row["prompt"] for row in rows])
+        prompt_ids, prompt_attn = policy.encode_prompts([row["prompt"] for row in rows], chat=task.chat)
         target = encode_targets(policy, [task.target(row) for row in rows], length)
         t = t_min + (1 - t_min) * torch.rand(batch_size, 1, generator=g)
         masked = torch.rand(batch_size, length, generator=g) < t

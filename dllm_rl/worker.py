@@ -169,6 +169,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         **result,
         "base_metric": result["base"][primary] if result["base"] else None,
         "final_metric": result["final"][primary],
+        # the test metric of the weights the validation split picked (checkpoints/best, or the start)
+        "best_step": result["best"]["step"] if result["best"] else None,
+        "best_test_metric": (result["best"]["test"] or {}).get(primary) if result["best"] else None,
         "wall_seconds": time.perf_counter() - start,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

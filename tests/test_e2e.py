@@ -73,7 +73,17 @@ def test_run_writes_summary_metrics_and_config(finished_run):
     assert 0.0 <= summary["base_metric"] <= 1.0 and 0.0 <= summary["final_metric"] <= 1.0
     assert summary["base"]["cell_acc"] == summary["base_metric"]
     assert summary["wall_seconds"] > 0 and summary["steps"] == 4
-    assert [e["step"] for e in summary["evals"]] == [0, 2, 4]
+    # Validation (selection) and test (reported) before RL, every 2 steps and at the end.
+    assert [(e["step"], e["split"]) for e in summary["evals"]] == [
+        (step, split) for step in (0, 2, 4) for split in ("validation", "test")
+    ]
+    # checkpoints/best holds the weights of the best validation score; its test score is reported.
+    best = summary["best"]
+    by_step = {(e["step"], e["split"]): e for e in summary["evals"]}
+    assert best["validation"]["cell_acc"] == max(by_step[(s, "validation")]["cell_acc"] for s in (0, 2, 4))
+    assert best["test"]["cell_acc"] == by_step[(best["step"], "test")]["cell_acc"] == summary["best_test_metric"]
+    if best["step"] > 0:
+        assert (Path(best["export"]) / "config.json").is_file()
     assert Path(summary["checkpoint"]).is_dir()
     assert summary["base_model"]["cached"] is False
     # The one summary line: base -> final, wall time, run directory.
@@ -102,6 +112,8 @@ def test_every_step_is_logged_with_finite_loss(finished_run):
         assert 0.0 <= r["reward_mean"] <= 1.0
     evals = [r for r in records if "eval/cell_acc" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
+    assert [r["step"] for r in records if "val/cell_acc" in r] == [0, 2, 4]
+    assert len((run_dir / "eval" / "validation_step_4.jsonl").read_text().splitlines()) == 32
     assert len((run_dir / "eval" / "step_4.jsonl").read_text().splitlines()) == 32
 
 
@@ -109,7 +121,7 @@ def test_checkpoints_are_complete_and_pruned(finished_run):
     _, run_dir, _ = finished_run
     ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "final"
-    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["final", "step_2"]
+    assert {p.name for p in ckpt.iterdir() if p.is_dir()} - {"best"} == {"final", "step_2"}
     assert not any(p.name.startswith(".staging") for p in ckpt.iterdir())
     assert (ckpt / "final" / "hf" / "config.json").is_file()
 

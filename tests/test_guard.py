@@ -64,6 +64,9 @@ class _Probe(Objective):
 
 
 class _Task:
+    cfg: dict = {}
+    chat = False
+
     def dataset(self, split):
         return _Rows()
 

@@ -9,6 +9,13 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS, MASK, UNK = "<pad>", "<bos>", "<eos>", "<mask>", "<unk>"
+# A plain chat template, so that tasks in the chat style (user message -> template -> generation
+# prompt) run on the tiny models too; instruct checkpoints bring their own.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + (message['content'] | trim) + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 # Specials come first so their ids (0..4) do not depend on the alphabet.
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, MASK, UNK)
 
@@ -46,6 +53,7 @@ def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
         padding_side="left",
         # The default clean-up would delete spaces before punctuation, breaking the round trip.
         clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
         # No add_bos_token=True: transformers 5 drops it on save, so the post-processor above (stored in
         # tokenizer.json) is the single source of truth and `tok.add_bos_token` reads False.
     )

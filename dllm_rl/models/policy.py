@@ -96,10 +96,50 @@ class Policy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids and attention mask on the policy's device."""
-        enc = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=True)
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+    def render_prompts(self, prompts: list[str], chat: bool = False, prefill: str = "") -> list[str]:
+        """The model-input texts: prompts as they are, or (``chat``) each one as the user message of the
+        tokenizer's chat template with the generation prompt; ``prefill`` follows either."""
+        if not chat:
+            return [p + prefill for p in prompts]
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(
+                "task.prompt_style=chat needs a tokenizer with a chat template, and this model's has none "
+                "(use task.prompt_style=compact, or a checkpoint whose tokenizer_config.json or chat_template.jinja "
+                "holds one)"
+            )
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            + prefill
+            for p in prompts
+        ]
+
+    def encode_prompts(
+        self, prompts: list[str], chat: bool = False, prefill: str = "", max_tokens: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and attention mask on the policy's device (see render_prompts).
+
+        ``max_tokens`` keeps the last tokens of longer prompts (left truncation, the reference's cap).
+        """
+        texts = self.render_prompts(prompts, chat, prefill)
+        # A chat template writes its own BOS; adding special tokens again would double it.
+        rows = self.tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+        if max_tokens is not None:
+            rows = [row[-max_tokens:] for row in rows]
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: every completion starts at the same column
+            if row:
+                ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+                attention[i, width - len(row) :] = 1
+        return ids.to(self.device), attention.to(self.device)
+
+    def prompt_lengths(self, prompts: list[str], chat: bool = False, prefill: str = "") -> list[int]:
+        """Token count of each rendered prompt (for task.max_prompt_tokens)."""
+        texts = self.render_prompts(prompts, chat, prefill)
+        return [len(row) for row in self.tokenizer(texts, add_special_tokens=not chat)["input_ids"]]
 
     def decode(self, completion_ids: torch.Tensor) -> list[str]:
         """Completion texts: everything before the first EOS, special tokens dropped."""

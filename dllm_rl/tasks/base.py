@@ -1,22 +1,41 @@
-"""Task interface and registry.
+"""Task interface, registry and the data-loading helpers every task shares.
 
 A task owns its data (train / validation / test splits as HF datasets), its training reward and its
-evaluation metrics. Rewards return named parts so that each part can be logged on its own; the task
-reward is their unweighted sum (tasks.md §0.5).
+evaluation metrics. Every split has two prompt columns, because the papers train and evaluate with
+different prompts (tasks.md §0.1): ``prompt`` (the training family, used for rollouts) and
+``eval_prompt`` (the evaluation family). In the ``compact`` style (character-level models) a prompt
+is the literal model input; in the ``chat`` style it is the user message, which the policy wraps in
+its tokenizer's chat template (and, at evaluation, follows with ``eval_prefill``).
+
+The training reward is a list of reward functions (dllm_rl/tasks/rewards.py): the task's own by
+default, or ``task.rewards`` (registered names or ``module:function`` paths). Each returns a float
+or named parts; the task reward is the unweighted sum of all parts (tasks.md §0.5), each part logged.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 
 from dllm_rl.errors import ConfigError, DllmRlError
+from dllm_rl.tasks.rewards import RewardFn, call_reward, resolve_reward
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
+PROMPT_STYLES: tuple[str, ...] = ("compact", "chat")
+# Appended after the chat template's generation prompt at evaluation (tasks.md §0.1).
+EVAL_PREFILL = "<reasoning>"
+# The training family's system block (tasks.md §0.3) shared by GSM8K, MATH500 and Countdown: a
+# newline, the format instructions, a trailing newline.
+SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+# Characters of chat-style prompts a character-level tokenizer must know: printable ASCII and newline.
+CHAT_ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\n"
 
 
 class DataError(DllmRlError, ValueError):
@@ -30,19 +49,56 @@ class Task(abc.ABC):
     alphabet: str = ""  # every character a prompt or completion can contain (for char-level tokenizers)
     completion_length: int = 0  # natural completion length in characters for the compact format
     primary_metric: str = ""  # key of metrics() used as "the" metric
+    prompt_styles: tuple[str, ...] = PROMPT_STYLES  # the styles this task can write
 
     def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path) -> None:
         # Copy so later mutation of the caller's config cannot change this task's behaviour.
         self.cfg: dict[str, Any] = dict(cfg or {})
         self.cache_dir = Path(cache_dir)
+        self.prompt_style = str(self.cfg.get("prompt_style", self.prompt_styles[0]))
+        if self.prompt_style not in self.prompt_styles:
+            raise ConfigError(
+                f"task.prompt_style={self.prompt_style!r}: task {self.name} has {', '.join(self.prompt_styles)}"
+            )
+        if self.chat:
+            self.alphabet = CHAT_ALPHABET
+
+    @functools.cached_property
+    def reward_fns(self) -> list[tuple[str, RewardFn]]:
+        """task.rewards resolved, or the task's own functions (get_task resolves it on construction)."""
+        specs = self.cfg.get("rewards")
+        if specs:
+            return [resolve_reward(spec, f"task.rewards[{i}]") for i, spec in enumerate(specs)]
+        return self.default_rewards()
+
+    @property
+    def chat(self) -> bool:
+        """Prompts are user messages for the tokenizer's chat template (not literal model inputs)."""
+        return self.prompt_style == "chat"
+
+    @property
+    def eval_prefill(self) -> str:
+        """Text that follows the generation prompt at evaluation: "<reasoning>" in the chat style."""
+        return EVAL_PREFILL if self.chat else ""
 
     @abc.abstractmethod
     def dataset(self, split: str) -> datasets.Dataset:
-        """The split ("train", "validation" or "test"): a "prompt" str column plus metadata columns."""
+        """The split ("train", "validation" or "test"): "prompt" and "eval_prompt" columns plus metadata."""
 
     @abc.abstractmethod
+    def default_rewards(self) -> list[tuple[str, RewardFn]]:
+        """(part name, function) pairs of the task's own reward, options of task.* already bound."""
+
     def reward(self, completion: str, example: Mapping[str, Any]) -> dict[str, float]:
         """Named reward parts for one completion; the task reward is their sum (see total_reward)."""
+        fields = {k: v for k, v in example.items() if k not in ("prompt", "eval_prompt")}
+        parts: dict[str, float] = {}
+        for name, fn in self.reward_fns:
+            try:
+                parts.update(call_reward(name, fn, completion, fields))
+            except Exception as exc:  # a plug-in's bug: name it instead of a bare traceback mid-run
+                raise DllmRlError(f"reward {name!r} failed on a completion: {type(exc).__name__}: {exc}") from exc
+        return parts
 
     @abc.abstractmethod
     def target(self, example: Mapping[str, Any]) -> str:
@@ -89,4 +145,126 @@ def get_task(name: str, cfg: Mapping[str, Any], cache_dir: str | Path) -> Task:
     if cls is None:
         available = ", ".join(sorted(TASKS)) or "(none)"
         raise ConfigError(f"unknown task {name!r}; available: {available}")
-    return cls(cfg, cache_dir)
+    task = cls(cfg, cache_dir)
+    task.reward_fns  # noqa: B018  (resolve task.rewards now: a bad entry fails before any model is built)
+    return task
+
+
+# ------------------------------------------------------------------------------------------ data files
+
+
+def carve_validation(train: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train without held-out rows, held-out rows): the last ``size`` rows of a seeded shuffle.
+
+    The d1 convention (shuffle, hold out the tail) for a validation split made of training rows, so
+    that checkpoint selection never looks at the test split.
+    """
+    if size >= len(train):
+        raise DataError(f"validation_size {size} leaves no training rows (the training data has {len(train)})")
+    order = np.random.default_rng([seed, 4]).permutation(len(train))
+    cut = len(train) - size
+    kept = np.sort(order[:cut])
+    return train.select(kept, keep_in_memory=True), train.select(order[cut:], keep_in_memory=True)
+
+
+_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
+
+
+def read_local(path: str | Path, field: str, hf_cache: str | Path) -> datasets.Dataset:
+    """Rows of a local data file or directory: JSONL, JSON, parquet, arrow, CSV, or a save_to_disk folder.
+
+    JSONL is parsed here line by line so that a malformed line is reported by its number. Raises
+    DataError naming the file and the config field it came from.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            try:
+                loaded = datasets.load_from_disk(str(path))
+            except Exception as exc:
+                raise DataError(f"{path}: cannot read the saved data set ({field}): {exc}") from exc
+            if isinstance(loaded, datasets.DatasetDict):
+                raise DataError(f"{path}: holds several splits {list(loaded)}; point {field} at one of them")
+            return loaded
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in _LOCAL_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no data files ({', '.join(_LOCAL_SUFFIXES)}) in this directory ({field})")
+        parts = [read_local(p, field, hf_cache) for p in files]
+        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (config key {field})")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    builders = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    try:
+        if suffix == ".arrow":
+            return datasets.Dataset.from_file(str(path))
+        if suffix not in builders:
+            raise DataError(f"{path}: unsupported file type {suffix!r} ({field}); use {', '.join(_LOCAL_SUFFIXES)}")
+        kwargs: dict[str, Any] = {"keep_default_na": False} if suffix == ".csv" else {}
+        return datasets.load_dataset(
+            builders[suffix], data_files=str(path), split="train", cache_dir=str(hf_cache), **kwargs
+        )
+    except DataError:
+        raise
+    except Exception as exc:  # parser errors come as many types (pandas, pyarrow, datasets)
+        raise DataError(f"{path}: cannot read file ({field}): {exc}") from exc
+
+
+def _read_jsonl(path: Path) -> datasets.Dataset:
+    rows: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8", errors="strict") as f:
+        try:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: row {n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: row {n}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    try:
+        return datasets.Dataset.from_list(rows)
+    except Exception as exc:  # arrow cannot unify the rows' types
+        raise DataError(f"{path}: rows do not share one schema: {exc}") from exc
+
+
+def check_rows(
+    ds: datasets.Dataset, where: str, problem: Callable[[Mapping[str, Any]], str | None], required: Sequence[str]
+) -> None:
+    """Raise DataError naming ``where`` and the 1-based row of the first row ``problem`` objects to."""
+    missing = [c for c in required if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{where}: rows need the fields {list(required)}; missing {missing} (has {ds.column_names})")
+    for n, row in enumerate(ds, start=1):
+        message = problem(row)
+        if message is not None:
+            raise DataError(f"{where}: row {n}: {message}")
+
+
+def load_hub(hub_id: str, config: str | None, split: str, field: str) -> datasets.Dataset:
+    """One split of a hub data set through ``datasets`` (HF's own cache serves it offline once fetched).
+
+    Raises DataError saying what to provide instead (``field``: a local file or directory) when the
+    hub cannot be reached and the data set is not cached.
+    """
+    try:
+        ds = datasets.load_dataset(hub_id, config, split=split)
+    except Exception as exc:  # offline, unknown id, missing split: all end in the same advice
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise DataError(
+            f"cannot load the hub data set {hub_id!r}"
+            + (f" (config {config!r})" if config else "")
+            + f", split {split!r}: {first}. Download it where the hub is reachable and set {field}=<path> "
+            "to a local JSONL, JSON, parquet, arrow or CSV file, or a directory of them (or a save_to_disk folder)"
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):  # defensive: split= always gives a Dataset
+        ds = ds[split]
+    return ds

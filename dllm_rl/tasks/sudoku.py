@@ -1,6 +1,10 @@
-"""4x4 Sudoku in the compact character-level format (tasks.md §4).
+"""4x4 Sudoku (tasks.md §4), in the compact character-level format or the chat format.
 
-prompt = the 16-character puzzle (row-major, '0' = empty); completion = the 16 solution digits.
+compact: prompt = the 16-character puzzle (row-major, '0' = empty); completion = the 16 solution digits.
+chat: the user message is the rules block and question of §4.4, zero-shot (d1, wd1, DMPO, GDSD) or
+with three worked examples (SPG; ``task.few_shot``), and the answer is read from ``<answer>`` tags.
+Our three examples are built from training-side grids (the SPG texts are not reproduced) and are
+removed from every split.
 
 Data comes from an in-memory generator (§4.3) or from local CSV / JSONL files (§4.2). The generator
 splits the 288 valid grids into disjoint train / test solution sets by default ("leak_free"), so a
@@ -27,7 +31,8 @@ import datasets
 import numpy as np
 
 from dllm_rl.errors import ConfigError
-from dllm_rl.tasks.base import SPLITS, DataError, Task, check_split, register_task
+from dllm_rl.tasks.base import SPLITS, DataError, Task, carve_validation, check_split, register_task
+from dllm_rl.tasks.rewards import RewardFn, clip_text, last_tag_content, register_reward
 
 GRID_CELLS = 16
 GRID_DIGITS = "1234"
@@ -36,13 +41,14 @@ NUM_GRIDS = 288
 # reward O(1) on degenerate multi-megabyte completions.
 MAX_SCAN_CHARS = 4096
 # Bump when generation changes so old on-disk caches are not reused for new semantics.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 _ASCII_DIGITS = frozenset("0123456789")
 _PUZZLE_CHARS = frozenset("01234")
 _FEATURES = datasets.Features(
     {
         "prompt": datasets.Value("string"),
+        "eval_prompt": datasets.Value("string"),
         "puzzle": datasets.Value("string"),
         "solution": datasets.Value("string"),
     }
@@ -164,13 +170,23 @@ def is_valid_solve(answer: str, puzzle: str) -> bool:
     return is_valid_grid(answer) and consistent(puzzle, answer)
 
 
-def sudoku_reward(completion: str, puzzle: str, solution: str, credit_alternative: bool = True) -> float:
+def sudoku_reward(
+    completion: str, puzzle: str, solution: str, credit_alternative: bool = True, answer_tags: bool = False
+) -> float:
     """Training reward in [0, 1]: fraction of empty cells matching the stored solution (tasks.md §4.5).
 
-    With credit_alternative (bug #1 of §4.7), any valid completion of the givens earns 1.0, because
-    puzzles may have several solutions and the stored one is an arbitrary pick.
+    With ``answer_tags`` (chat format) the digits come from the last ``<answer>…</answer>`` only, and
+    a completion without one earns 0. With credit_alternative (bug #1 of §4.7), any valid completion
+    of the givens earns 1.0, because puzzles may have several solutions and the stored one is an
+    arbitrary pick.
     """
-    answer = answer_grid(completion)
+    text = clip_text(completion)
+    if answer_tags:
+        content = last_tag_content(text, "answer")
+        if content is None:
+            return 0.0
+        text = content
+    answer = answer_grid(text)
     if credit_alternative and is_valid_solve(answer, puzzle):
         return 1.0
     correct, blanks = blank_cell_counts(answer, puzzle, solution)
@@ -179,13 +195,88 @@ def sudoku_reward(completion: str, puzzle: str, solution: str, credit_alternativ
     return correct / blanks
 
 
-def sudoku_metrics(completions: Sequence[str], puzzles: Sequence[str], solutions: Sequence[str]) -> dict[str, float]:
-    """cell_acc (micro average over empty cells, reference metric §4.6), exact_solve, valid_solve."""
+_EXAMPLE_ROW = {"puzzle": "1030400000010020", "solution": "1234432121433412"}
+
+
+@register_reward("sudoku_cells", low=0.0, high=1.0, example=_EXAMPLE_ROW)
+def sudoku_cells(completion: str, *, puzzle: str, solution: str, answer_tags: bool = False, **_: Any) -> float:
+    """§4.5 with alternative solutions credited (§4.7 row 1): the dllm_rl default."""
+    return sudoku_reward(completion, puzzle, solution, credit_alternative=True, answer_tags=answer_tags)
+
+
+@register_reward("sudoku_cells_reference", low=0.0, high=1.0, example=_EXAMPLE_ROW)
+def sudoku_cells_reference(
+    completion: str, *, puzzle: str, solution: str, answer_tags: bool = False, **_: Any
+) -> float:
+    """§4.5 exactly: only the stored solution earns credit."""
+    return sudoku_reward(completion, puzzle, solution, credit_alternative=False, answer_tags=answer_tags)
+
+
+_EOT_MARKERS = ("<|eot_id|>", "<|endoftext|>", "</answer>")
+
+
+def chat_answer(text: str) -> str:
+    """The answer string of a chat-format evaluation completion (the ordered patterns of §4.6).
+
+    (1) a code block inside <answer>; (2) <answer> up to an end marker, if not empty; (3) the text after </answer>;
+    (4) the 16 digits before </answer>; (5) any standalone run of 16 digits. Whitespace removed, then
+    padded with '0' or truncated to 16. Written with plain searches: linear on any input.
+    """
+    text = clip_text(text)
+    start = text.find("<answer>")
+    if start >= 0:
+        body = text[start + len("<answer>") :]
+        fence = body.find("```")
+        close = body.find("</answer>")
+        if fence >= 0 and (close < 0 or fence < close):
+            end = body.find("```", fence + 3)
+            if end >= 0:
+                return _grid_of(body[fence + 3 : end].removeprefix("text").removeprefix("plaintext"))
+        ends = [i for i in (body.find(m) for m in _EOT_MARKERS) if i >= 0]
+        content = body[: min(ends)] if ends else body
+        if content.strip():  # empty tags fall through to the later patterns
+            return _grid_of(content)
+    close = text.find("</answer>")
+    if close >= 0:
+        after = text[close + len("</answer>") :]
+        if after.strip():
+            return _grid_of(after)
+        digits = "".join(ch for ch in text[:close] if ch in _ASCII_DIGITS)
+        if len(digits) >= GRID_CELLS:
+            return digits[-GRID_CELLS:]
+    run = _first_digit_run(text, GRID_CELLS)
+    return run if run is not None else "0" * GRID_CELLS
+
+
+def _grid_of(fragment: str) -> str:
+    return "".join(fragment.split())[:GRID_CELLS].ljust(GRID_CELLS, "0")
+
+
+def _first_digit_run(text: str, length: int) -> str | None:
+    """The first maximal run of exactly ``length`` ASCII digits, or None."""
+    run = 0
+    for i, ch in enumerate(text):
+        if ch in _ASCII_DIGITS:
+            run += 1
+            continue
+        if run == length:
+            return text[i - length : i]
+        run = 0
+    return text[len(text) - length :] if run == length else None
+
+
+def sudoku_metrics(
+    completions: Sequence[str], puzzles: Sequence[str], solutions: Sequence[str], chat: bool = False
+) -> dict[str, float]:
+    """cell_acc (micro average over empty cells, reference metric §4.6), exact_solve, valid_solve.
+
+    ``chat``: answers are read with the §4.6 extraction patterns instead of the compact digits.
+    """
     if not len(completions) == len(puzzles) == len(solutions):
         raise ValueError(f"got {len(completions)} completions for {len(puzzles)} examples")
     correct = blanks = exact = valid = 0
     for text, puzzle, solution in zip(completions, puzzles, solutions, strict=True):
-        answer = answer_grid(text)
+        answer = chat_answer(text) if chat else answer_grid(text)
         c, b = blank_cell_counts(answer, puzzle, solution)
         correct, blanks = correct + c, blanks + b
         exact += answer == solution
@@ -264,6 +355,7 @@ class SudokuConfig:
     test_blanks: int = 8
     require_unique: bool = False
     credit_alternative_solutions: bool = True
+    few_shot: int = 3
     train_file: str | None = None
     validation_file: str | None = None
     test_file: str | None = None
@@ -298,6 +390,8 @@ class SudokuConfig:
             raise ConfigError(f"task.test_blanks={self.test_blanks} must be in [1, 16]")
         if self.seed < 0 or min(self.train_size, self.validation_size, self.test_size) < 0:
             raise ConfigError("task.seed and task.*_size must be non-negative")
+        if self.few_shot not in (0, 3):
+            raise ConfigError(f"task.few_shot={self.few_shot} must be 0 (zero-shot, d1) or 3 (SPG's 3-shot prompt)")
 
     def generator_key(self) -> dict[str, Any]:
         """The fields that determine generated data (cache key); reward options and files excluded."""
@@ -317,7 +411,7 @@ Pair = tuple[str, str]  # (puzzle, solution)
 
 # Independent, stable random streams per generation stage, so that e.g. changing train_size does not
 # change the test puzzles.
-_STAGE_SEEDS = {"grids": 0, "test": 1, "validation": 2, "train": 3, "carve": 4}
+_STAGE_SEEDS = {"grids": 0, "test": 1, "validation": 2, "train": 3, "carve": 4, "few_shot": 5}
 
 
 def _rng(seed: int, stage: str) -> np.random.Generator:
@@ -415,11 +509,14 @@ def generate_pairs(config: SudokuConfig) -> dict[str, list[Pair]]:
     return {"train": train, "validation": validation, "test": test}
 
 
-def pairs_to_dataset(pairs: Sequence[Pair]) -> datasets.Dataset:
-    """Dataset with prompt (= puzzle, compact format), puzzle and solution string columns."""
+def pairs_to_dataset(pairs: Sequence[Pair], prompt_of: Any = None) -> datasets.Dataset:
+    """Dataset with prompt and eval_prompt (``prompt_of(puzzle)``; the puzzle itself in the compact
+    format), puzzle and solution string columns."""
     puzzles = [p for p, _ in pairs]
+    prompts = puzzles if prompt_of is None else [prompt_of(p) for p in puzzles]
     return datasets.Dataset.from_dict(
-        {"prompt": puzzles, "puzzle": puzzles, "solution": [s for _, s in pairs]}, features=_FEATURES
+        {"prompt": prompts, "eval_prompt": prompts, "puzzle": puzzles, "solution": [s for _, s in pairs]},
+        features=_FEATURES,
     )
 
 
@@ -511,16 +608,6 @@ def load_pairs_file(path: str | Path, key: str, hf_cache: str | Path) -> dataset
     return pairs_to_dataset(list(zip(puzzles, solutions, strict=True)))
 
 
-def carve_validation(train: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train without held-out rows, held-out rows): the last `size` rows of a seeded shuffle."""
-    if size >= len(train):
-        raise DataError(f"validation_size {size} leaves no training rows (train file has {len(train)})")
-    order = _rng(seed, "carve").permutation(len(train))
-    cut = len(train) - size
-    kept = np.sort(order[:cut])
-    return train.select(kept, keep_in_memory=True), train.select(order[cut:], keep_in_memory=True)
-
-
 def drop_puzzles(ds: datasets.Dataset, puzzles: set[str]) -> datasets.Dataset:
     """ds without rows whose puzzle is in `puzzles` (returned unchanged when nothing matches)."""
     keep = [i for i, p in enumerate(ds["puzzle"]) if p not in puzzles]
@@ -531,9 +618,69 @@ def drop_puzzles(ds: datasets.Dataset, puzzles: set[str]) -> datasets.Dataset:
 # Task
 
 
+SUDOKU_SYSTEM_PROMPT = """
+Please solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character string reading \
+left-to-right, top-to-bottom, where '0' represents empty cells.
+
+Rules:
+- Fill empty cells with digits 1-4
+- Each row must contain digits 1-4 exactly once
+- Each column must contain digits 1-4 exactly once
+- Each 2x2 box must contain digits 1-4 exactly once
+
+Important: Your solution must be a COMPLETE 16-character string with only the digits 1-4, representing \
+your final solved grid.
+
+Respond in this exact format:
+<reasoning>
+Your step-by-step solving process
+</reasoning>
+<answer>
+[16-character solution string with no spaces or separators]
+</answer>
+"""
+QUESTION = "Solve the following Sudoku puzzle: {puzzle}"
+
+
+def worked_reasoning(puzzle: str, solution: str) -> str:
+    """A row-by-row account of how the solution fills the puzzle (the reasoning of a few-shot example)."""
+    lines = []
+    for r in range(4):
+        given = puzzle[4 * r : 4 * r + 4]
+        row = solution[4 * r : 4 * r + 4]
+        missing = [d for d in GRID_DIGITS if d not in given]
+        shown = " ".join(ch if ch != "0" else "_" for ch in given)
+        if missing:
+            lines.append(
+                f"Row {r + 1} is {shown}; it lacks {', '.join(missing)}, and the columns and boxes place them: {row}."
+            )
+        else:
+            lines.append(f"Row {r + 1} is {shown}, already complete: {row}.")
+    return "\n".join(lines)
+
+
+def few_shot_examples(config: SudokuConfig, count: int) -> list[Pair]:
+    """``count`` puzzles with 8 blanks from training grids: the worked examples of the 3-shot prompt."""
+    train_grids, _ = split_grids(config.seed, config.split, config.train_grids)
+    return sample_puzzles(train_grids, count, (8, 8), _rng(config.seed, "few_shot"))
+
+
+def chat_prompt(puzzle: str, examples: Sequence[Pair]) -> str:
+    """The user message of §4.4: zero-shot, or the rules, the worked examples, then the question."""
+    if not examples:
+        return SUDOKU_SYSTEM_PROMPT + "\n\n" + QUESTION.format(puzzle=puzzle) + "\n"
+    shots = [
+        f"Question: {QUESTION.format(puzzle=p)}\nAnswer:\n<reasoning>\n{worked_reasoning(p, s)}\n</reasoning>\n"
+        f"<answer>\n{s}\n</answer>"
+        for p, s in examples
+    ]
+    question = f"Question: {QUESTION.format(puzzle=puzzle)}\nAnswer:\n"
+    return SUDOKU_SYSTEM_PROMPT + "\n\n" + "\n\n".join([*shots, question])
+
+
 @register_task("sudoku")
 class SudokuTask(Task):
-    """4x4 Sudoku, compact format: prompt = 16-char puzzle, completion = 16 solution digits."""
+    """4x4 Sudoku: compact (16-char puzzle in, 16 digits out) or chat (§4.4 prompts, <answer> tags)."""
 
     alphabet = "01234"
     completion_length = GRID_CELLS
@@ -547,6 +694,7 @@ class SudokuTask(Task):
             path = getattr(self.config, key)
             if path is not None and not Path(path).is_file():
                 raise DataError(f"{path}: file not found (config key task.{key})")
+        self.examples = few_shot_examples(self.config, self.config.few_shot) if self.chat else []
         self._splits: dict[str, datasets.Dataset] | None = None
 
     def dataset(self, split: str) -> datasets.Dataset:
@@ -556,7 +704,8 @@ class SudokuTask(Task):
         return self._splits[split]
 
     def _build_splits(self) -> dict[str, datasets.Dataset]:
-        """Files where configured, generated data otherwise; train never holds an evaluation puzzle."""
+        """Files where configured, generated data otherwise; train never holds an evaluation puzzle,
+        and no split holds a few-shot example."""
         config = self.config
         hf_cache = self.cache_dir / "hf_datasets"
         files = {s: getattr(config, f"{s}_file") for s in SPLITS}
@@ -571,17 +720,31 @@ class SudokuTask(Task):
             splits = {s: splits.get(s, generated[s]) for s in SPLITS}
         eval_puzzles = set(splits["validation"]["puzzle"]) | set(splits["test"]["puzzle"])
         splits["train"] = drop_puzzles(splits["train"], eval_puzzles)
+        if self.chat:
+            shots = {p for p, _ in self.examples}
+            splits = {s: self._chat_split(drop_puzzles(ds, shots)) for s, ds in splits.items()}
         return splits
 
-    def reward(self, completion: str, example: Mapping[str, Any]) -> dict[str, float]:
-        value = sudoku_reward(
-            completion, example["puzzle"], example["solution"], self.config.credit_alternative_solutions
+    def _chat_split(self, ds: datasets.Dataset) -> datasets.Dataset:
+        prompts = [chat_prompt(p, self.examples) for p in ds["puzzle"]]
+        return (
+            ds.remove_columns(["prompt", "eval_prompt"])
+            .add_column("prompt", prompts)
+            .add_column("eval_prompt", prompts)
+            .select_columns(list(_FEATURES))
         )
-        return {"correct_cells": value}
+
+    def default_rewards(self) -> list[tuple[str, RewardFn]]:
+        fn = sudoku_cells if self.config.credit_alternative_solutions else sudoku_cells_reference
+        return [("correct_cells", functools.partial(fn, answer_tags=self.chat))]
 
     def target(self, example: Mapping[str, Any]) -> str:
+        if self.chat:
+            puzzle, solution = str(example["puzzle"]), str(example["solution"])
+            return f"<reasoning>\n{worked_reasoning(puzzle, solution)}\n</reasoning>\n<answer>\n{solution}\n</answer>"
         return str(example["solution"])
 
     def metrics(self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         # Reference metric (§4.6) scores against the stored solution only, without alternative credit.
-        return sudoku_metrics(completions, [ex["puzzle"] for ex in examples], [ex["solution"] for ex in examples])
+        puzzles, solutions = [ex["puzzle"] for ex in examples], [ex["solution"] for ex in examples]
+        return sudoku_metrics(completions, puzzles, solutions, chat=self.chat)

@@ -1,0 +1,238 @@
+"""`python -m dllm_rl.evaluate [overrides]`: score a checkpoint the way the papers report it.
+
+The same config tree as training (every group and override), plus ``evaluate.*``: for each
+generation length L of ``evaluate.gen_lengths`` the split's (subset of) examples are decoded
+greedily (temperature 0) with the configured sampler at block length min(32, L) and
+steps = L · steps_per_token (L/2 in d1, wd1, SPG and GDSD), scored by the task's evaluation parsers,
+and the metrics averaged over lengths (tasks.md §5). With ``cluster.nproc > 1`` the examples are
+split across processes (torch elastic launch; gloo on CPU) and gathered, so the numbers do not
+depend on the process count.
+
+Writes to the run directory: ``generations_len<L>.jsonl`` (prompt, completion, reward per example),
+``metrics.json`` (per length, the average over lengths, protocol, wall time) and one summary line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+import dllm_rl  # noqa: F401  (registers the config schemas)
+from dllm_rl.config import check_writable, task_file_errors
+from dllm_rl.errors import ConfigError, DllmRlError
+
+log = logging.getLogger("dllm_rl")
+
+
+def protocol(ecfg: dict[str, Any], length: int) -> dict[str, int]:
+    """Block length and steps of one evaluation length (steps a positive multiple of the block count)."""
+    block = min(int(ecfg["block_length"]), length)
+    if length % block:
+        raise ConfigError(f"evaluate.gen_lengths: {length} is not a multiple of evaluate.block_length={block}")
+    blocks = length // block
+    per_block = max(1, round(length * float(ecfg["steps_per_token"]) / blocks))
+    return {"gen_length": length, "block_length": block, "steps": min(per_block * blocks, length)}
+
+
+def check(cfg: dict[str, Any]) -> None:
+    """The rules of an evaluation config, as one ConfigError naming the fields."""
+    e, errors = cfg["evaluate"], []
+    if not e["gen_lengths"] or any(int(n) < 1 for n in e["gen_lengths"]):
+        errors.append(f"evaluate.gen_lengths={e['gen_lengths']} must be positive lengths")
+    if e["block_length"] < 1:
+        errors.append(f"evaluate.block_length={e['block_length']} must be >= 1")
+    if not 0 < e["steps_per_token"] <= 1:
+        errors.append(f"evaluate.steps_per_token={e['steps_per_token']} must be in (0, 1]")
+    if e["split"] not in ("test", "validation"):
+        errors.append(f"evaluate.split={e['split']!r} must be test or validation")
+    if e["batch_size"] < 1:
+        errors.append(f"evaluate.batch_size={e['batch_size']} must be >= 1")
+    if e["subset_size"] is not None and e["subset_size"] < 1:
+        errors.append(f"evaluate.subset_size={e['subset_size']} must be >= 1 (or null: all)")
+    if int(cfg["cluster"]["nproc"]) < 1:
+        errors.append(f"cluster.nproc={cfg['cluster']['nproc']} must be >= 1")
+    errors += task_file_errors(cfg["task"])
+    if errors:
+        raise ConfigError("invalid evaluation configuration:\n  - " + "\n  - ".join(errors))
+
+
+def resolve_checkpoint(cfg: dict[str, Any]) -> str | None:
+    """The save_pretrained directory to score, or None for the cached warm-started base."""
+    given = cfg["evaluate"]["checkpoint"] or cfg["model"]["path"]
+    field = "evaluate.checkpoint" if cfg["evaluate"]["checkpoint"] else "model.path"
+    if given is None:
+        if cfg["model"]["name"] != "tiny":
+            raise ConfigError(f"model={cfg['model']['name']}: give evaluate.checkpoint=<dir> or model.path=<dir>")
+        return None
+    path = Path(os.path.expanduser(str(given)))
+    if (path / "config.json").is_file():
+        return str(path)
+    for tag in ("best", "final"):  # a run directory, or its checkpoints/ folder
+        for root in (path / "checkpoints", path):
+            if (root / tag / "hf" / "config.json").is_file():
+                return str(root / tag / "hf")
+    raise ConfigError(
+        f"{field}={given}: neither a save_pretrained directory (config.json) nor a run directory with "
+        "checkpoints/best/hf or checkpoints/final/hf"
+    )
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate in this process (one rank of several, or alone); rank 0 writes and returns the result."""
+    import torch.distributed as dist
+
+    from dllm_rl import evaluation
+    from dllm_rl.models.policy import load_pretrained
+    from dllm_rl.samplers import get_sampler
+    from dllm_rl.tasks import get_task
+    from dllm_rl.warmstart import ensure_base
+    from dllm_rl.worker import init_distributed, quiet_libraries
+
+    start = time.perf_counter()
+    quiet_libraries()
+    if cfg["cluster"]["threads"]:
+        torch.set_num_threads(int(cfg["cluster"]["threads"]))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        init_distributed(cfg["cluster"]["backend"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    run_dir = Path(cfg["run_dir"])
+    ecfg = cfg["evaluate"]
+
+    task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
+    source = resolve_checkpoint(cfg)
+    if source is None:
+        if rank == 0:  # one rank trains and caches a missing base, the others then find it
+            ensure_base(cfg, task)
+        if dist.is_initialized():
+            dist.barrier()
+        source = str(ensure_base(cfg, task)[0])
+    policy = load_pretrained(source, cfg["model"]["dtype"])
+    policy.model.to(torch.device(cfg["cluster"]["device"]))
+
+    data = task.dataset(ecfg["split"])
+    indices = evaluation.paper_subset(len(data), ecfg["subset_size"], int(ecfg["subset_seed"]))
+    examples = data.select(indices).to_list()
+    examples, dropped = evaluation.fit_prompts(
+        policy, task, examples, "eval_prompt", task.eval_prefill, f"{ecfg['split']} split"
+    )
+    per_length: dict[str, dict[str, Any]] = {}
+    for length in [int(n) for n in ecfg["gen_lengths"]]:
+        settings = protocol(ecfg, length)
+        sampler = get_sampler({**cfg["sampler"], **settings, "temperature": 0.0})
+        t0 = time.perf_counter()
+        metrics, records = evaluation.score(
+            policy,
+            sampler,
+            task,
+            examples,
+            int(ecfg["batch_size"]),
+            evaluation.truncation(cfg["task"]),
+            shard=True,
+        )
+        seconds = time.perf_counter() - t0
+        per_length[str(length)] = {
+            **metrics,
+            **settings,
+            "seconds": seconds,
+            "seconds_per_100": 100 * seconds / max(len(examples), 1),
+        }
+        if rank == 0:
+            evaluation.write_jsonl(run_dir / f"generations_len{length}.jsonl", records)
+            log.info("length %d: %s", length, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    metric_names = [k for k, v in next(iter(per_length.values())).items() if isinstance(v, float)]
+    result = {
+        "checkpoint": source,
+        "task": cfg["task"]["name"],
+        "prompt_style": task.prompt_style,
+        "split": ecfg["split"],
+        "primary_metric": task.primary_metric,
+        "num_examples": len(examples),
+        "dropped_prompts": dropped,
+        "subset": {"size": ecfg["subset_size"], "seed": ecfg["subset_seed"]},
+        "processes": world,
+        "temperature": 0.0,
+        "sampler": cfg["sampler"]["name"],
+        "per_length": per_length,
+        "average": {k: sum(r[k] for r in per_length.values()) / len(per_length) for k in metric_names},
+        "wall_seconds": time.perf_counter() - start,
+    }
+    if rank == 0:
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+def launch(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run ``run`` in this process, or in cluster.nproc processes started by torch elastic launch."""
+    nproc = int(cfg["cluster"]["nproc"])
+    if nproc == 1:
+        return run(cfg)
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from dllm_rl.worker import _free_port
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        run_id=uuid.uuid4().hex,
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+    )
+    # The function as dllm_rl.evaluate.run (not __main__.run), so that spawned workers can import it.
+    import dllm_rl.evaluate as module
+
+    results = elastic_launch(config, entrypoint=module.run)(cfg)
+    return results[0]
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    name = result["primary_metric"]
+    lengths = " ".join(f"L{n}={r[name]:.4f}" for n, r in result["per_length"].items())
+    per100 = sum(r["seconds_per_100"] for r in result["per_length"].values())
+    return (
+        f"evaluate {result['task']} ({result['split']}, {result['num_examples']} examples): {name} {lengths} | "
+        f"average {result['average'][name]:.4f} | {per100:.1f} s per 100 examples over all lengths | "
+        f"checkpoint {result['checkpoint']}"
+    )
+
+
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        OmegaConf.to_object(cfg)  # enum and type checks of every typed node
+        plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        check(plain)
+        check_writable(run_dir, "hydra.run.dir")
+        plain["run_dir"] = str(run_dir)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain))
+        result = launch(plain)
+    except DllmRlError as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    line = summary_line(result)
+    log.info("%s", line)
+    print(line)
+    return float(result["average"][result["primary_metric"]])
+
+
+if __name__ == "__main__":
+    main()

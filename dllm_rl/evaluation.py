@@ -1,0 +1,177 @@
+"""Evaluation primitives shared by the trainer's evaluations and ``python -m dllm_rl.evaluate``.
+
+- ``generate``: prompts -> completions through a sampler, in micro-batches, with the task's prompt
+  style (chat template or literal) and the evaluation prefill;
+- ``fit_prompts``: ``task.max_prompt_tokens`` applied to a list of examples (drop / error / left_truncate);
+- ``paper_subset``: the papers' seeded evaluation subsets (``np.random.seed(s); np.random.choice(n, k, False)``);
+- ``score``: greedy completions -> the task's metrics, the training reward and one JSONL row each,
+  optionally split across ranks (every rank decodes its share, rank 0 gathers and scores).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dllm_rl.errors import ConfigError
+from dllm_rl.models.policy import Policy
+from dllm_rl.tasks.base import Task, total_reward
+
+log = logging.getLogger(__name__)
+
+OVERFLOW_MODES = ("drop", "error", "left_truncate")
+
+
+@torch.no_grad()
+def generate(
+    policy: Policy,
+    sampler: Any,
+    prompts: Sequence[str],
+    micro_batch: int,
+    temperature: float | None,
+    generator: torch.Generator | None,
+    chat: bool = False,
+    prefill: str = "",
+    max_prompt_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(prompt ids, attention, completion ids, forward passes) for a list of prompts.
+
+    ``max_prompt_tokens`` left-truncates the rendered prompts (None: as they are).
+    """
+    prompt_ids, attention = policy.encode_prompts(
+        list(prompts), chat=chat, prefill=prefill, max_tokens=max_prompt_tokens
+    )
+    outputs, nfe = [], 0
+    with policy.scoring():
+        for lo in range(0, len(prompts), micro_batch):
+            # Each micro-batch only needs the padding of its own longest prompt.
+            rows = attention[lo : lo + micro_batch]
+            width = int(rows.sum(dim=1).max())
+            out = sampler.generate(
+                policy.logits,
+                prompt_ids[lo : lo + micro_batch, -width:],
+                rows[:, -width:],
+                policy.mask_id,
+                generator=generator,
+                temperature=temperature,
+            )
+            outputs.append(out.completion_ids)
+            nfe += out.nfe
+    return prompt_ids, attention, torch.cat(outputs), nfe
+
+
+def truncation(task_cfg: Mapping[str, Any]) -> int | None:
+    """The token cap encode_prompts applies: task.max_prompt_tokens under left_truncate, else None."""
+    if task_cfg.get("on_prompt_overflow", "drop") == "left_truncate":
+        return task_cfg.get("max_prompt_tokens")
+    return None
+
+
+def fit_prompts(
+    policy: Policy, task: Task, examples: list[dict[str, Any]], column: str, prefill: str, where: str
+) -> tuple[list[dict[str, Any]], int]:
+    """(examples kept, number dropped) under task.max_prompt_tokens and task.on_prompt_overflow."""
+    cap, mode = task.cfg.get("max_prompt_tokens"), task.cfg.get("on_prompt_overflow", "drop")
+    if mode not in OVERFLOW_MODES:
+        raise ConfigError(f"task.on_prompt_overflow={mode!r} must be one of {', '.join(OVERFLOW_MODES)}")
+    if cap is None or mode == "left_truncate" or not examples:
+        return examples, 0
+    lengths = policy.prompt_lengths([ex[column] for ex in examples], chat=task.chat, prefill=prefill)
+    over = [i for i, n in enumerate(lengths) if n > cap]
+    if not over:
+        return examples, 0
+    if mode == "error":
+        raise ConfigError(
+            f"task.max_prompt_tokens={cap}: {len(over)} of {len(examples)} {where} prompts are longer "
+            f"(row {over[0] + 1} has {lengths[over[0]]} tokens); raise the cap or set "
+            "task.on_prompt_overflow=drop or left_truncate"
+        )
+    if len(over) == len(examples):
+        raise ConfigError(
+            f"task.max_prompt_tokens={cap}: every {where} prompt is longer (the shortest has {min(lengths)} tokens)"
+        )
+    log.warning("%s: dropped %d of %d prompts over task.max_prompt_tokens=%d", where, len(over), len(examples), cap)
+    dropped = set(over)
+    return [ex for i, ex in enumerate(examples) if i not in dropped], len(over)
+
+
+def paper_subset(total: int, size: int | None, seed: int) -> list[int]:
+    """Indices of the evaluated subset: all rows in order, or the papers' seeded choice.
+
+    d1 seeds NumPy's global generator and draws ``choice(total, size, replace=False)`` first; the
+    legacy RandomState with the same seed gives the same indices without touching global state.
+    """
+    if size is None:
+        return list(range(total))
+    return np.random.RandomState(seed).choice(total, min(size, total), replace=False).tolist()
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def score(
+    policy: Policy,
+    sampler: Any,
+    task: Task,
+    examples: list[dict[str, Any]],
+    batch_size: int,
+    max_prompt_tokens: int | None = None,
+    shard: bool = False,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Greedy completions of the examples' eval prompts -> (metrics, one record per example).
+
+    ``shard``: every rank decodes examples rank, rank + world, ... and all ranks receive the full,
+    ordered result, so that metrics and records do not depend on the number of processes.
+    """
+    rank, world = _rank_world() if shard else (0, 1)
+    mine = examples[rank::world]
+    prefill = task.eval_prefill
+    texts: list[str] = []
+    nfe = 0
+    if mine:
+        _, _, completion_ids, nfe = generate(
+            policy,
+            sampler,
+            [ex["eval_prompt"] for ex in mine],
+            batch_size,
+            0.0,
+            None,
+            chat=task.chat,
+            prefill=prefill,
+            max_prompt_tokens=max_prompt_tokens,
+        )
+        texts = policy.decode(completion_ids)
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (texts, nfe))
+        texts = [None] * len(examples)  # type: ignore[list-item]
+        for r, (part, _) in enumerate(gathered):
+            texts[r::world] = part
+        nfe = sum(n for _, n in gathered)
+    metrics = task.metrics(texts, examples)
+    # The training reward reads what the model wrote after the generation prompt, prefill included.
+    rewards = [total_reward(task.reward(prefill + t, ex)) for t, ex in zip(texts, examples, strict=True)]
+    metrics["reward_mean"] = float(np.mean(rewards)) if rewards else 0.0
+    metrics["nfe"] = float(nfe)
+    records = [
+        {"prompt": ex["eval_prompt"], "completion": t, "reward": r}
+        for ex, t, r in zip(examples, texts, rewards, strict=True)
+    ]
+    return metrics, records
+
+
+def write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,140 @@
+"""`python -m dllm_rl.evaluate`: the papers' protocol through the real entry point (Hydra, datasets,
+transformers, torch elastic launch with gloo), on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_e2e import REPO, child_env
+
+from dllm_rl.errors import ConfigError
+from dllm_rl.evaluate import protocol, resolve_checkpoint
+from dllm_rl.models.policy import build_tiny
+
+SMALL = [
+    "warmstart.steps=5",
+    "task.train_size=200",
+    "task.validation_size=16",
+    "task.test_size=24",
+    "evaluate.subset_size=12",
+    "evaluate.subset_seed=3",
+    "evaluate.batch_size=5",
+    "evaluate.gen_lengths=[16,32]",
+    "logging=none",
+]
+
+
+def run_eval(tmp: Path, name: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    run_dir = tmp / name
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dllm_rl.evaluate",
+            *SMALL,
+            f"cache_dir={tmp / 'cache'}",
+            f"hydra.run.dir={run_dir}",
+            *args,
+        ],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc, run_dir
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evaluate")
+    proc, run_dir = run_eval(tmp, "one")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, proc, run_dir
+
+
+def test_writes_generations_and_metrics_per_length(single):
+    _, proc, run_dir = single
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert result["num_examples"] == 12 and result["split"] == "test" and result["temperature"] == 0.0
+    assert list(result["per_length"]) == ["16", "32"]
+    for length, r in result["per_length"].items():
+        assert r["gen_length"] == int(length) and r["block_length"] == min(32, int(length))
+        assert r["steps"] == int(length) // 2  # steps = length / 2
+        assert 0.0 <= r["cell_acc"] <= 1.0
+        rows = [json.loads(line) for line in (run_dir / f"generations_len{length}.jsonl").read_text().splitlines()]
+        assert len(rows) == 12 and all({"prompt", "completion", "reward"} <= set(row) for row in rows)
+    mean = sum(r["cell_acc"] for r in result["per_length"].values()) / 2
+    assert result["average"]["cell_acc"] == pytest.approx(mean)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("evaluate sudoku (test, 12 examples): cell_acc L16=") and "per 100 examples" in last
+
+
+def test_subset_is_the_seeded_choice_of_the_test_split(single):
+    import numpy as np
+
+    _, _, run_dir = single
+    rows = [json.loads(line) for line in (run_dir / "generations_len16.jsonl").read_text().splitlines()]
+    np.random.seed(3)
+    chosen = np.random.choice(24, 12, replace=False)
+    from dllm_rl.tasks import get_task
+
+    cfg = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
+    test = get_task("sudoku", cfg["task"], Path(cfg["cache_dir"])).dataset("test")
+    assert [r["prompt"] for r in rows] == [test[int(i)]["eval_prompt"] for i in chosen]
+
+
+def test_two_processes_give_the_same_result_as_one(single):
+    tmp, _, run_dir = single
+    proc, run_dir2 = run_eval(tmp, "two", "cluster.nproc=2", "cluster.threads=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, run_dir2))
+    assert two["processes"] == 2
+    for length in ("16", "32"):
+        assert two["per_length"][length]["cell_acc"] == one["per_length"][length]["cell_acc"]
+        gen = f"generations_len{length}.jsonl"
+        assert (run_dir2 / gen).read_text() == (run_dir / gen).read_text()
+
+
+def test_bad_checkpoint_is_one_line(tmp_path):
+    proc, _ = run_eval(tmp_path, "bad", f"evaluate.checkpoint={tmp_path / 'nowhere'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: evaluate.checkpoint=")
+
+
+def test_resolve_checkpoint_finds_a_runs_best_then_final_export(tmp_path):
+    policy = build_tiny(
+        {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 32, "dtype": "float32"},
+        "01234",
+        seed=0,
+    )
+    run = tmp_path / "run"
+    policy.save(run / "checkpoints" / "final" / "hf")
+    cfg = {"evaluate": {"checkpoint": str(run)}, "model": {"path": None, "name": "tiny"}}
+    assert resolve_checkpoint(cfg) == str(run / "checkpoints" / "final" / "hf")
+    policy.save(run / "checkpoints" / "best" / "hf")
+    assert resolve_checkpoint(cfg) == str(run / "checkpoints" / "best" / "hf")
+    cfg["evaluate"]["checkpoint"] = str(run / "checkpoints" / "final" / "hf")
+    assert resolve_checkpoint(cfg) == cfg["evaluate"]["checkpoint"]
+    cfg = {"evaluate": {"checkpoint": None}, "model": {"path": None, "name": "tiny"}}
+    assert resolve_checkpoint(cfg) is None  # the cached warm-started base
+    with pytest.raises(ConfigError, match="give evaluate.checkpoint"):
+        resolve_checkpoint({"evaluate": {"checkpoint": None}, "model": {"path": None, "name": "llada"}})
+
+
+@pytest.mark.parametrize(
+    "length, per_token, expected",
+    [(128, 0.5, (32, 64)), (256, 0.5, (32, 128)), (512, 1.0, (32, 512)), (16, 0.5, (16, 8)), (48, 0.5, None)],
+)
+def test_protocol_block_and_steps(length, per_token, expected):
+    ecfg = {"block_length": 32, "steps_per_token": per_token}
+    if expected is None:
+        with pytest.raises(ConfigError, match="not a multiple"):
+            protocol(ecfg, length)
+        return
+    settings = protocol(ecfg, length)
+    assert (settings["block_length"], settings["steps"]) == expected
