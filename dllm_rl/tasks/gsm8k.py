@@ -44,7 +44,7 @@ share of completions with a ``\\boxed{…}`` inside <answer>…</answer> (the fo
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -175,19 +175,25 @@ def _float_or_number(text: str, pick: int) -> float | None:
         return float(numbers[pick]) if numbers else None
 
 
-def reference_prediction(text: str) -> float | None:
-    """d1's GSM8K eval parser (§1.4): first usable \\boxed{}, else the first <answer>…</answer>."""
-    for content in flat_boxes(text):
+def _box_then_tag(text: str, boxes: list[str], parse: Callable[[str, int], Any]) -> Any:
+    """The §1.4 order: the first box that is neither empty nor dots and parses (its first number),
+    else the first <answer>…</answer> (its last number)."""
+    for content in boxes:
         content = content.strip()
         if not content or _DOTS.fullmatch(content):
             continue
-        value = _float_or_number(content, 0)
+        value = parse(content, 0)
         if value is not None:
             return value
     tagged = first_tag_content(text, "answer")
     if tagged is not None and tagged.strip():
-        return _float_or_number(tagged.strip(), -1)
+        return parse(tagged.strip(), -1)
     return None
+
+
+def reference_prediction(text: str) -> float | None:
+    """d1's GSM8K eval parser (§1.4): first usable \\boxed{}, else the first <answer>…</answer>."""
+    return _box_then_tag(text, flat_boxes(text), _float_or_number)
 
 
 def _exact_or_number(text: str, pick: int) -> Decimal | None:
@@ -200,17 +206,7 @@ def _exact_or_number(text: str, pick: int) -> Decimal | None:
 
 def fixed_prediction(text: str) -> Decimal | None:
     """acc_fixed's parser: as the reference, with brace-matched boxes and exact decimals."""
-    for content in boxed_contents(text):
-        content = content.strip()
-        if not content or _DOTS.fullmatch(content):
-            continue
-        value = _exact_or_number(content, 0)
-        if value is not None:
-            return value
-    tagged = first_tag_content(text, "answer")
-    if tagged is not None and tagged.strip():
-        return _exact_or_number(tagged.strip(), -1)
-    return None
+    return _box_then_tag(text, boxed_contents(text), _exact_or_number)
 
 
 def has_boxed_answer(text: str) -> bool:
