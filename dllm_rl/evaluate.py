@@ -113,11 +113,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
     source = resolve_checkpoint(cfg)
     if source is None:
-        if rank == 0:  # one rank trains and caches a missing base, the others then find it
-            ensure_base(cfg, task)
+        # Rank 0 trains and caches a missing base first; the others then find it in the cache.
+        if rank == 0:
+            source = str(ensure_base(cfg, task)[0])
         if dist.is_initialized():
             dist.barrier()
-        source = str(ensure_base(cfg, task)[0])
+        if rank != 0:
+            source = str(ensure_base(cfg, task)[0])
     policy = load_pretrained(source, cfg["model"]["dtype"])
     policy.model.to(torch.device(cfg["cluster"]["device"]))
 

@@ -665,7 +665,7 @@ def test_get_task_end_to_end(tmp_path, style):
             if style == "compact":
                 assert row["prompt"] == row["eval_prompt"] == cd.compact_prompt(row["nums"], row["target"])
                 assert set(row["prompt"] + reference) <= set(task.alphabet)
-                assert len(reference) <= task.completion_length
+                assert len(reference) <= task.config.completion_length
             else:
                 assert row["prompt"] == cd.chat_train_prompt(row["nums"], row["target"])
                 assert "\\boxed{}" in row["eval_prompt"]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from test_e2e import REPO, child_env
 
 from dllm_rl.errors import ConfigError
@@ -83,7 +84,7 @@ def test_subset_is_the_seeded_choice_of_the_test_split(single):
     chosen = np.random.choice(24, 12, replace=False)
     from dllm_rl.tasks import get_task
 
-    cfg = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     test = get_task("sudoku", cfg["task"], Path(cfg["cache_dir"])).dataset("test")
     assert [r["prompt"] for r in rows] == [test[int(i)]["eval_prompt"] for i in chosen]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import dllm_rl.tasks  # noqa: F401  (registers every built-in reward)
-from dllm_rl.tasks.rewards import MAX_REWARD_CHARS, REWARDS, boxed_contents, call_reward, last_tag_content
+from dllm_rl.tasks.rewards import REWARDS, boxed_contents, call_reward, last_tag_content
 
 CANARY = Path("/tmp/dllm_rl_reward_canary")
 
@@ -67,12 +67,12 @@ def test_reward_survives_adversarial_completions(name):
 
 
 @pytest.mark.parametrize("name", reward_names())
-def test_reward_reaches_its_range_on_its_example(name):
-    """The registered range is not vacuous: an empty completion scores at or near the bottom."""
+def test_an_empty_completion_never_earns_the_maximum(name):
+    """The registered range is not vacuous, and a reward that pays in full for no answer is a bug."""
     spec = REWARDS[name]
     assert spec.low < spec.high
     total = sum(call_reward(name, spec.fn, "", dict(spec.example)).values())
-    assert spec.low <= total <= spec.high
+    assert spec.low <= total < spec.high
 
 
 def test_tag_and_box_helpers_are_linear_and_exact():
@@ -83,4 +83,3 @@ def test_tag_and_box_helpers_are_linear_and_exact():
     assert last_tag_content("<answer>" * 200_000, "answer") is None
     assert boxed_contents("\\boxed{" * 200_000) == []
     assert time.perf_counter() - start < 2.0
-    assert MAX_REWARD_CHARS >= 4096

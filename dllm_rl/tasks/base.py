@@ -47,7 +47,6 @@ class Task(abc.ABC):
 
     name: str = ""
     alphabet: str = ""  # every character a prompt or completion can contain (for char-level tokenizers)
-    completion_length: int = 0  # natural completion length in characters for the compact format
     primary_metric: str = ""  # key of metrics() used as "the" metric
     prompt_styles: tuple[str, ...] = PROMPT_STYLES  # the styles this task can write
 

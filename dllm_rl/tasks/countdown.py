@@ -827,7 +827,6 @@ class CountdownTask(Task):
     """Countdown, three numbers: compact (``30,100,93:23`` → ``30-100+93``) or chat prompts (tasks.md §3)."""
 
     alphabet = "0123456789+-*/(),:"
-    completion_length = 16
     primary_metric = "acc"
     prompt_styles = ("compact", "chat")
 

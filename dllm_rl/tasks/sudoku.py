@@ -683,7 +683,6 @@ class SudokuTask(Task):
     """4x4 Sudoku: compact (16-char puzzle in, 16 digits out) or chat (§4.4 prompts, <answer> tags)."""
 
     alphabet = "01234"
-    completion_length = GRID_CELLS
     primary_metric = "cell_acc"
 
     def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path) -> None:
