@@ -44,7 +44,9 @@ def save(engine: Any, policy: Policy, root: Path, tag: str, client_state: dict[s
     if _is_main():
         shutil.rmtree(staging, ignore_errors=True)
     _barrier()
-    engine.save_checkpoint(str(staging), tag=tag, client_state=client_state)
+    # A LoRA run's frozen base never changes and lives in its own checkpoint: store only what trains.
+    frozen_base = any(not p.requires_grad for p in policy.model.parameters())
+    engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, exclude_frozen_parameters=frozen_base)
     weights = _gathered_weights(engine)
     _barrier()
     final = root / tag

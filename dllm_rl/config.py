@@ -22,15 +22,59 @@ from dllm_rl.errors import ConfigError
 
 
 @dataclass
+class LoraCfg:
+    enabled: bool = False
+    r: int = 128
+    alpha: float = 64.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class Family(Enum):
+    tiny = "tiny"
+    llada = "llada"
+    dream = "dream"
+
+
+class AttnImplementation(Enum):
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
+class Quantization(Enum):
+    none = "none"
+    nf4 = "nf4"
+
+
+class ChatTemplate(Enum):
+    family = "family"
+    tokenizer = "tokenizer"
+
+
+@dataclass
 class ModelCfg:
     name: str = MISSING
+    family: Family = Family.tiny
     path: str | None = None
+    requires_path: bool = False
+    adapter: str | None = None
     hidden_size: int = 64
     num_layers: int = 4
     num_heads: int = 4
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    vocab_size: int | None = None
     max_position_embeddings: int = 512
+    rope_theta: float | None = None
     dtype: str = "float32"
+    attn_implementation: AttnImplementation = AttnImplementation.sdpa
     gradient_checkpointing: bool = False
+    quantization: Quantization = Quantization.none
+    chat_template: ChatTemplate = ChatTemplate.family
+    lora: LoraCfg = field(default_factory=LoraCfg)
 
 
 class MaskKind(Enum):
@@ -606,17 +650,45 @@ def validate(cfg: Any) -> None:
         f"logging.wandb_mode={cfg['logging']['wandb_mode']!r} must be online, offline or disabled",
     )
 
-    model_path = cfg["model"]["path"]
-    if model_path is not None:
-        p = Path(os.path.expanduser(str(model_path)))
-        if not p.is_dir():
-            errors.append(f"model.path={model_path}: no such directory (give a save_pretrained checkpoint)")
-        elif not (p / "config.json").is_file():
-            errors.append(f"model.path={model_path}: no config.json in it (not a save_pretrained checkpoint)")
+    errors += model_errors(cfg["model"], str(cfg["cluster"]["device"]))
     errors += task_file_errors(cfg["task"])
 
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def model_errors(model: Any, device: str, path_given_elsewhere: bool = False) -> list[str]:
+    """One message per problem in the model group that shows before anything is loaded."""
+    errors = []
+    model_path = model["path"]
+    if model_path is not None:
+        p = Path(os.path.expanduser(str(model_path)))
+        if not p.is_dir():
+            errors.append(f"model.path={model_path}: no such directory (give a save_pretrained checkpoint)")
+        elif not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            errors.append(f"model.path={model_path}: no config.json in it (not a save_pretrained checkpoint)")
+    elif model["requires_path"] and not path_given_elsewhere:
+        errors.append(
+            f"model={model['name']} needs model.path=<local copy of the official checkpoint: config.json, "
+            "*.safetensors shards with their index, tokenizer files> (nothing is downloaded)"
+        )
+    adapter = model["adapter"]
+    if adapter is not None and not (Path(os.path.expanduser(str(adapter))) / "adapter_config.json").is_file():
+        errors.append(f"model.adapter={adapter}: no adapter_config.json there (expected a saved PEFT adapter)")
+    lora = model["lora"]
+    if lora["enabled"]:
+        if int(lora["r"]) < 1:
+            errors.append(f"model.lora.r={lora['r']} must be >= 1")
+        if float(lora["alpha"]) <= 0:
+            errors.append(f"model.lora.alpha={lora['alpha']} must be positive")
+        if not 0.0 <= float(lora["dropout"]) < 1.0:
+            errors.append(f"model.lora.dropout={lora['dropout']} must be in [0, 1)")
+        if not list(lora["target_modules"]):
+            errors.append("model.lora.target_modules is empty")
+    quantization = model["quantization"].value if isinstance(model["quantization"], Enum) else model["quantization"]
+    if quantization != "none" and not device.startswith("cuda"):
+        errors.append(f"model.quantization={quantization} needs cluster.device=cuda (bitsandbytes 4-bit)")
+    return errors
 
 
 def task_file_errors(task: Any) -> list[str]:

@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import dllm_rl  # noqa: F401  (registers the config schemas)
-from dllm_rl.config import check_writable, task_file_errors
+from dllm_rl.config import check_writable, model_errors, task_file_errors
 from dllm_rl.errors import ConfigError, DllmRlError
 
 log = logging.getLogger("dllm_rl")
@@ -62,6 +62,7 @@ def check(cfg: dict[str, Any]) -> None:
         errors.append(f"evaluate.subset_size={e['subset_size']} must be >= 1 (or null: all)")
     if int(cfg["cluster"]["nproc"]) < 1:
         errors.append(f"cluster.nproc={cfg['cluster']['nproc']} must be >= 1")
+    errors += model_errors(cfg["model"], str(cfg["cluster"]["device"]), path_given_elsewhere=bool(e["checkpoint"]))
     errors += task_file_errors(cfg["task"])
     if errors:
         raise ConfigError("invalid evaluation configuration:\n  - " + "\n  - ".join(errors))
@@ -72,19 +73,23 @@ def resolve_checkpoint(cfg: dict[str, Any]) -> str | None:
     given = cfg["evaluate"]["checkpoint"] or cfg["model"]["path"]
     field = "evaluate.checkpoint" if cfg["evaluate"]["checkpoint"] else "model.path"
     if given is None:
-        if cfg["model"]["name"] != "tiny":
+        if cfg["model"].get("requires_path"):
             raise ConfigError(f"model={cfg['model']['name']}: give evaluate.checkpoint=<dir> or model.path=<dir>")
         return None
     path = Path(os.path.expanduser(str(given)))
-    if (path / "config.json").is_file():
+
+    def loadable(d: Path) -> bool:  # a full checkpoint, or a LoRA adapter that names its base
+        return (d / "config.json").is_file() or (d / "adapter_config.json").is_file()
+
+    if loadable(path):
         return str(path)
     for tag in ("best", "final"):  # a run directory, or its checkpoints/ folder
         for root in (path / "checkpoints", path):
-            if (root / tag / "hf" / "config.json").is_file():
+            if loadable(root / tag / "hf"):
                 return str(root / tag / "hf")
     raise ConfigError(
-        f"{field}={given}: neither a save_pretrained directory (config.json) nor a run directory with "
-        "checkpoints/best/hf or checkpoints/final/hf"
+        f"{field}={given}: neither a save_pretrained directory (config.json or adapter_config.json) nor a run "
+        "directory with checkpoints/best/hf or checkpoints/final/hf"
     )
 
 
@@ -93,7 +98,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
 
     from dllm_rl import evaluation
-    from dllm_rl.models.policy import load_pretrained
+    from dllm_rl.models.policy import load_from_config
     from dllm_rl.samplers import get_sampler
     from dllm_rl.tasks import get_task
     from dllm_rl.warmstart import ensure_base
@@ -120,7 +125,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             dist.barrier()
         if rank != 0:
             source = str(ensure_base(cfg, task)[0])
-    policy = load_pretrained(source, cfg["model"]["dtype"])
+    # model.adapter belongs to model.path; a checkpoint given here is scored as it is.
+    model_cfg = {**cfg["model"], "adapter": None} if cfg["evaluate"]["checkpoint"] else cfg["model"]
+    policy = load_from_config(source, model_cfg)
     policy.model.to(torch.device(cfg["cluster"]["device"]))
 
     data = task.dataset(ecfg["split"])

@@ -32,10 +32,20 @@ log = logging.getLogger(__name__)
 
 # Task fields that only affect RL or evaluation, not the training data the base sees.
 _TASK_KEYS_NOT_IN_BASE = {"credit_alternative_solutions"}
+# Model fields that change how the base is loaded or trained on in RL, not the base's weights.
+_MODEL_KEYS_NOT_IN_BASE = {
+    "path",
+    "adapter",
+    "requires_path",
+    "gradient_checkpointing",
+    "attn_implementation",
+    "quantization",
+    "lora",
+}
 
 
 def base_signature(model_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], ws_cfg: Mapping[str, Any]) -> str:
-    model = {k: v for k, v in model_cfg.items() if k not in ("path", "gradient_checkpointing")}
+    model = {k: v for k, v in model_cfg.items() if k not in _MODEL_KEYS_NOT_IN_BASE}
     task = {k: v for k, v in task_cfg.items() if k not in _TASK_KEYS_NOT_IN_BASE}
     ws = {k: v for k, v in ws_cfg.items() if k != "enabled"}
     blob = json.dumps({"model": model, "task": task, "warmstart": ws}, sort_keys=True, default=str)

@@ -95,19 +95,26 @@ def deepspeed_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_policy(cfg: dict[str, Any], task: Any) -> tuple[Any, dict[str, Any]]:
-    """The starting policy: model.path if given, else the (cached) warm-started tiny base."""
-    from dllm_rl.models.policy import build_tiny, load_pretrained
+    """The starting policy: model.path (plus model.adapter) if given, else the (cached) warm-started base
+    of the configured architecture; then a fresh LoRA adapter when model.lora.enabled."""
+    from dllm_rl.models.policy import build_tiny, load_from_config
     from dllm_rl.warmstart import ensure_base
 
     mcfg = cfg["model"]
     if mcfg["path"] is not None:
-        return load_pretrained(mcfg["path"], mcfg["dtype"]), {"source": str(mcfg["path"])}
-    if mcfg["name"] != "tiny":
+        policy, info = load_from_config(mcfg["path"], mcfg, trainable=True), {"source": str(mcfg["path"])}
+    elif mcfg.get("requires_path"):
         raise DllmRlError(f"model={mcfg['name']} needs model.path=<local checkpoint directory>")
-    if not cfg["warmstart"]["enabled"]:
-        return build_tiny(mcfg, task.alphabet, seed=int(cfg["seed"])), {"source": "random init"}
-    path, info = ensure_base(cfg, task)
-    return load_pretrained(path, mcfg["dtype"]), {"source": str(path), **info}
+    elif not cfg["warmstart"]["enabled"]:
+        policy, info = build_tiny(mcfg, task.alphabet, seed=int(cfg["seed"])), {"source": "random init"}
+    else:
+        path, info = ensure_base(cfg, task)
+        policy, info = load_from_config(path, mcfg, trainable=True), {"source": str(path), **info}
+    if mcfg["lora"]["enabled"] and mcfg.get("adapter") is None:
+        policy.apply_lora(mcfg["lora"], quantized=mcfg.get("quantization", "none") != "none")
+    if mcfg.get("adapter") is not None:
+        info["adapter"] = str(mcfg["adapter"])
+    return policy, info
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +137,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
     policy, base_info = build_policy(cfg, task)
     if cfg["model"]["gradient_checkpointing"]:
-        policy.model.gradient_checkpointing_enable()
+        # Non-reentrant checkpointing needs no input that requires grad, so it also works under a
+        # frozen base with a LoRA adapter.
+        policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     device = torch.device(cfg["cluster"]["device"])
     policy.model.to(device)
     sampler = get_sampler(cfg["sampler"])

@@ -17,17 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from dllm_rl.errors import ConfigError
+from dllm_rl.models import loading
 from dllm_rl.models.char_tokenizer import build_char_tokenizer
-from dllm_rl.models.tiny import TinyMDLM, TinyMDLMConfig
+from dllm_rl.models.families import Family, family_of_model_type, get_family
 
 
 class Policy:
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: Family | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        # The family adapter: how this architecture's raw outputs become "position i predicts token i".
+        self.family = family or family_of_model_type(model.config.model_type)
         self.forward_module: torch.nn.Module = model  # replaced by the DeepSpeed engine for training
         if tokenizer.mask_token_id is None:
             raise ConfigError("the tokenizer has no mask token (set mask_token when saving it)")
@@ -42,8 +47,9 @@ class Policy:
     def logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """[B, T, V] logits, position i predicting token i."""
-        return self.forward_module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        """[B, T, V] logits, position i predicting token i (the family's alignment applied once, here)."""
+        out = self.forward_module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return self.family.align_logits(out.logits)
 
     @contextlib.contextmanager
     def scoring(self) -> Iterator[None]:
@@ -88,9 +94,24 @@ class Policy:
             # Through forward_module like every policy forward: a DeepSpeed engine wraps the module's
             # forward in its own set-up (ZeRO-3 parameter fetch and release, autocast).
             with self.scoring(), self.model.disable_adapter():
-                return self.forward_module(**kwargs).logits
+                return self.family.align_logits(self.forward_module(**kwargs).logits)
         with torch.no_grad():
-            return self._reference_copy(**kwargs).logits
+            return self.family.align_logits(self._reference_copy(**kwargs).logits)
+
+    def apply_lora(self, lora: Mapping[str, Any], quantized: bool = False) -> None:
+        """Wrap the network in a fresh PEFT LoRA adapter (model.lora); only the adapter trains.
+
+        Call before ``attach_reference`` and DeepSpeed: π_ref is then the same weights with the adapter
+        switched off, with no second copy (objectives.md §0.7).
+        """
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        if _is_peft(self.model):
+            raise ConfigError("model.lora.enabled: the policy already carries an adapter (model.adapter)")
+        if quantized:
+            self.model = prepare_model_for_kbit_training(self.model, use_gradient_checkpointing=False)
+        self.model = get_peft_model(self.model, loading.lora_config(self.family, lora))
+        self.forward_module = self.model
 
     @property
     def device(self) -> torch.device:
@@ -152,9 +173,25 @@ class Policy:
         """save_pretrained for the network and the tokenizer, loadable again with model.path.
 
         ``state_dict`` replaces the module's own tensors (needed when ZeRO-3 has partitioned them).
+        A LoRA policy saves its adapter only (adapter_config.json names the base checkpoint); a base
+        that exists on no disk (a random initialisation) is saved beside it in ``base/``.
         """
+        directory = Path(directory)
         self.model.save_pretrained(directory, state_dict=state_dict)
         self.tokenizer.save_pretrained(directory)
+        if _is_peft(self.model):
+            base = self.model.get_base_model()
+            origin = getattr(base, "name_or_path", "") or ""
+            if not (origin and (Path(origin) / "config.json").is_file()):
+                # The wrapped base's modules carry the adapter; keep the base tensors under their own names.
+                source = state_dict if state_dict is not None else self.model.state_dict()
+                weights = {
+                    k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+                    for k, v in source.items()
+                    if "lora_" not in k
+                }
+                base.save_pretrained(directory / loading.EMBEDDED_BASE, state_dict=weights)
+                self.tokenizer.save_pretrained(directory / loading.EMBEDDED_BASE)
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
@@ -163,43 +200,70 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _dtype(name: str) -> torch.dtype:
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    except KeyError:
-        raise ConfigError(f"model.dtype={name!r} must be float32, bfloat16 or float16") from None
-
-
 def build_tiny(model_cfg: Mapping[str, Any], alphabet: str, seed: int) -> Policy:
-    """A freshly initialised embedded tiny model with a character tokenizer over ``alphabet``."""
-    tokenizer = build_char_tokenizer(alphabet)
-    config = TinyMDLMConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=model_cfg["hidden_size"],
-        num_layers=model_cfg["num_layers"],
-        num_heads=model_cfg["num_heads"],
-        max_position_embeddings=model_cfg["max_position_embeddings"],
-        mask_token_id=tokenizer.mask_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    """A freshly initialised network of the model config's family (tiny, llada or dream) and size, with a
+    character tokenizer over ``alphabet`` that carries the family's special tokens and chat template."""
+    family = get_family(str(model_cfg.get("family") or "tiny"))
+    tokenizer = build_char_tokenizer(alphabet, family.specials)
+    config = family.random_config(model_cfg, tokenizer)
+    attn = model_cfg.get("attn_implementation") or "sdpa"
     # Initialise under a private RNG so building a model never disturbs the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = TinyMDLM(config)
-    return Policy(model.to(_dtype(model_cfg["dtype"])), tokenizer)
+        model = AutoModelForMaskedLM.from_config(config, attn_implementation=attn if family.name != "tiny" else None)
+    return Policy(model.to(loading.dtype_of(model_cfg["dtype"])), tokenizer, family)
 
 
-def load_pretrained(path: str | os.PathLike, dtype: str = "float32") -> Policy:
-    """Load a save_pretrained directory (weights, config, tokenizer) from local disk only."""
+def load_pretrained(
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    *,
+    attn_implementation: str = "sdpa",
+    quantization: str = "none",
+    chat_template: str = "family",
+    adapter: str | os.PathLike | None = None,
+    trainable: bool = False,
+) -> Policy:
+    """A policy from local disk only: a save_pretrained / official checkpoint directory (config.json,
+    weights, tokenizer), or an adapter directory (adapter_config.json) on top of the base it names.
+
+    ``adapter`` puts a saved LoRA adapter on the loaded base (``trainable``: keep training it).
+    Everything is checked first and reported naming the file and key (see models/loading.py).
+    """
     p = Path(os.path.expanduser(str(path)))
+    if not (p / "config.json").is_file() and (p / loading.ADAPTER_CONFIG).is_file():
+        if adapter is not None:
+            raise ConfigError(f"model.path={p} is itself an adapter directory; do not also give model.adapter")
+        adapter, p = p, loading.adapter_base(p)
     if not (p / "config.json").is_file():
-        raise ConfigError(f"model.path={p}: no config.json (expected a save_pretrained directory)")
-    try:
-        model = AutoModelForMaskedLM.from_pretrained(p, dtype=_dtype(dtype), local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"model.path={p}: cannot load the checkpoint: {first_line}") from None
-    return Policy(model, tokenizer)
+        raise ConfigError(
+            f"model.path={p}: no config.json (expected a save_pretrained or official checkpoint directory)"
+        )
+    model, family = loading.load_model(p, dtype, attn_implementation, quantization)
+    tokenizer_dir = Path(adapter) if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() else p
+    tokenizer = loading.load_tokenizer(tokenizer_dir, model.config, family, chat_template)
+    if adapter is not None:
+        from peft import PeftModel
+
+        a = Path(os.path.expanduser(str(adapter)))
+        if not (a / loading.ADAPTER_CONFIG).is_file():
+            raise ConfigError(f"model.adapter={a}: no {loading.ADAPTER_CONFIG} (expected a saved PEFT adapter)")
+        try:
+            model = PeftModel.from_pretrained(model, a, is_trainable=trainable, local_files_only=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"model.adapter={a}: cannot load the adapter onto {p}: {first}") from None
+    return Policy(model, tokenizer, family)
+
+
+def load_from_config(path: str | os.PathLike, model_cfg: Mapping[str, Any], trainable: bool = False) -> Policy:
+    """load_pretrained with the loading options of a model config group (model.*)."""
+    return load_pretrained(
+        path,
+        model_cfg["dtype"],
+        attn_implementation=model_cfg.get("attn_implementation") or "sdpa",
+        quantization=model_cfg.get("quantization") or "none",
+        chat_template=model_cfg.get("chat_template") or "family",
+        adapter=model_cfg.get("adapter"),
+        trainable=trainable,
+    )

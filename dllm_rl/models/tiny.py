@@ -184,6 +184,7 @@ class TinyMDLM(PreTrainedModel):
     config_class = TinyMDLMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
+    _supports_sdpa = True  # the only kernel it has (attn_implementation is not consulted)
     _no_split_modules = ["TinyMDLMBlock"]
     # Only applied when config.tie_word_embeddings is True.
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}

@@ -42,9 +42,7 @@ class RewardSpec:
 REWARDS: dict[str, RewardSpec] = {}
 
 
-def register_reward(
-    name: str, low: float, high: float, example: Mapping[str, Any]
-) -> Callable[[RewardFn], RewardFn]:
+def register_reward(name: str, low: float, high: float, example: Mapping[str, Any]) -> Callable[[RewardFn], RewardFn]:
     """Decorator registering ``fn`` under ``name``; [low, high] bounds every value (or part sum) it returns.
 
     ``example`` is a representative data row (the fields ``fn`` reads), used by the tests that feed
