@@ -139,7 +139,9 @@ class Trainer:
         gen_seconds = time.perf_counter() - start
         texts = self.policy.decode(completion_ids)
         parts = [self.task.reward(text, ex) for text, ex in zip(texts, examples, strict=True)]
-        rewards = torch.tensor([total_reward(p) for p in parts], dtype=torch.float32)
+        # On the policy's device: the objectives combine rewards and advantages with log-probs.
+        device = self.policy.device
+        rewards = torch.tensor([total_reward(p) for p in parts], dtype=torch.float32, device=device)
         reward_parts = {k: torch.tensor([p[k] for p in parts], dtype=torch.float32) for k in parts[0]}
         n = len(examples)
         batch = RolloutBatch(
@@ -147,8 +149,8 @@ class Trainer:
             prompt_attention=attention,
             completion_ids=completion_ids,
             completion_mask=completion_validity(completion_ids, self.policy.eos_id),
-            group_index=torch.arange(n) // self.group,
-            sample_uid=torch.arange(n),
+            group_index=torch.arange(n, device=device) // self.group,
+            sample_uid=torch.arange(n, device=device),
             rewards=rewards,
             reward_parts=reward_parts,
             advantages=self.objective.advantages(rewards, self.group),

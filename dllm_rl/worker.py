@@ -78,6 +78,9 @@ def deepspeed_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.get("model", {}).get("dtype") == "bfloat16" and not ds.get("bf16", {}).get("enabled"):
+        # bf16 parameters need DeepSpeed's bf16 mode, or AdamW would update bf16 weights with no fp32 master copy.
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
     if ds.get("bf16", {}).get("enabled"):
         # The trainer's non-finite guard rides on ZeRO's overflow skip, which bf16 only runs with this on.
         ds["bf16"] = {**ds["bf16"], "check_grad_overflow": True}

@@ -124,7 +124,12 @@ def test_resolve_checkpoint_finds_a_runs_best_then_final_export(tmp_path):
     cfg = {"evaluate": {"checkpoint": None}, "model": {"path": None, "name": "tiny"}}
     assert resolve_checkpoint(cfg) is None  # the cached warm-started base
     with pytest.raises(ConfigError, match="give evaluate.checkpoint"):
-        resolve_checkpoint({"evaluate": {"checkpoint": None}, "model": {"path": None, "name": "llada"}})
+        resolve_checkpoint(
+            {
+                "evaluate": {"checkpoint": None},
+                "model": {"path": None, "name": "llada_8b_instruct", "requires_path": True},
+            }
+        )
 
 
 @pytest.mark.parametrize(

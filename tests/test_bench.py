@@ -1,0 +1,150 @@
+"""bench/spg_step.py: the SPG-step bench runs end to end on tiny models, and its bookkeeping holds together.
+
+Speeds are never asserted (they depend on the machine); what is asserted is that every phase was clocked,
+the phases account for the step, FLOPs follow the stated convention, MFU is a fraction of the measured
+peak, and that the sizes the FLOP count reads from a config are those of the network really built, for
+the 8B architectures too (built on the meta device: no memory, no weights).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "spg_step.py"
+PHASES = ("rollout", "prepare", "likelihood_forward", "backward", "optimizer_step")
+# Seconds on 2 cores: short completions, few steps, a small peak matmul, one thread.
+TINY = [
+    "--gen-length=32",
+    "--block-length=16",
+    "--steps=8",
+    "--repeats=1",
+    "--peak-size=512",
+    "--peak-samples=2",
+    "--device=cpu",
+    "cluster.threads=1",
+]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("spg_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_bench(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "bench.json"
+    # A child picks its own torch.distributed rendezvous, whatever an in-process test left in the environment.
+    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, *TINY, f"--json={out}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "total" in proc.stdout and "MFU" in proc.stdout  # the readable table went to stdout
+    return json.loads(out.read_text())
+
+
+def check_report(r: dict, completions: int, mc: int) -> None:
+    assert set(r["phases"]) == set(PHASES)
+    for name in PHASES:
+        assert r["phases"][name]["seconds"] > 0, name
+    for run in [r["warmup"], *r["repeats"]]:
+        timed = sum(run["phases"].values())
+        # Phases are disjoint stretches of the step: they cannot exceed it and must account for most of it.
+        assert timed <= run["total_seconds"]
+        assert timed >= 0.5 * run["total_seconds"]
+        assert not run["optimizer_step_skipped"]
+        assert run["completion_tokens"] == r["settings"]["gen_length"]
+        assert run["prompt_tokens"] == r["settings"]["prompt_length"]
+        # One forward per denoising step for each sampler call (one call: the whole rollout at once).
+        assert run["nfe"] == r["settings"]["steps"] * (completions // r["settings"]["rollout_micro_batch"])
+    assert r["total_seconds"] > 0
+    assert sum(p["share"] for p in r["phases"].values()) <= 1.0 + 1e-9
+
+    f = r["flops"]
+    for key in ("rollout", "likelihood_forward", "forward_backward"):
+        assert f[key] > 0, key
+    assert f["sequence_tokens"] == r["settings"]["prompt_length"] + r["settings"]["gen_length"]
+    assert f["rollout_sequence_forwards"] == completions * r["settings"]["steps"]
+    assert f["likelihood_sequences"] == completions * mc
+    assert r["model"]["matmul_params_counted"] == r["model"]["matmul_params_in_model"]
+
+    assert r["peak"]["flops_per_second"] > 0
+    for key, value in r["mfu"].items():
+        assert 0 < value <= 1, (key, value)
+    mem = r["memory"]
+    assert mem["kind"].startswith("cpu")
+    assert mem["peak_bytes"]["rss"] >= mem["baseline_bytes"] > 0
+
+    assert "spg_step.py" in r["command"]
+    assert r["device"]["torch"] == torch.__version__ and r["device"]["name"]
+    assert r["config"]["objective"]["name"] == "spg"
+    assert r["config"]["objective"]["mc_samples"] == mc
+
+
+@pytest.mark.slow
+def test_tiny_llada_with_lora(tmp_path):
+    r = run_bench(tmp_path, "--model=tiny_llada", "--group=2", "--lora-r=4")
+    check_report(r, completions=2, mc=2)
+    s, m, f = r["settings"], r["model"], r["flops"]
+    assert s["lora"]["r"] == 4 and s["family"] == "llada"
+    assert 0 < m["params_trainable"] == m["lora_params"] < m["params_total"]
+    # A frozen base gets no weight gradients: fwd+bwd costs more than 2 forwards, less than 3.
+    assert 2 * f["likelihood_forward"] < f["forward_backward"] < 3 * f["likelihood_forward"]
+
+
+@pytest.mark.slow
+def test_tiny_dream_full_finetuning_in_micro_batches(tmp_path):
+    # Two prompts of G=2 in train micro-batches of 2 (gradient accumulation 2) and two sampler calls.
+    r = run_bench(
+        tmp_path,
+        "--model=tiny_dream",
+        "--no-lora",
+        "--group=2",
+        "--prompts=2",
+        "--micro-batch=2",
+        "--rollout-micro-batch=2",
+    )
+    check_report(r, completions=4, mc=2)
+    s, m, f = r["settings"], r["model"], r["flops"]
+    assert s["lora"] is None and s["family"] == "dream" and s["train_micro_batch"] == 2
+    assert r["config"]["train"]["micro_batch_per_gpu"] == 2
+    assert m["lora_params"] == 0 and m["params_trainable"] == m["params_total"]
+    assert f["forward_backward"] == pytest.approx(3 * f["likelihood_forward"])
+
+
+@pytest.mark.parametrize("model", ["llada_8b_instruct", "dream_7b_instruct"])
+def test_8b_sizes_read_for_flops_match_the_network(model):
+    """The FLOP count of the GPU bench reads the sizes the network is really built with (LoRA r128 on)."""
+    bench = load_bench()
+    from dllm_rl.worker import build_policy
+
+    args = bench.parse_args([f"--model={model}", "--device=cpu", "--dtype=bfloat16"])
+    cfg = bench.compose_config(bench.config_overrides(args))
+    with torch.device("meta"):
+        policy, _ = build_policy(cfg, SimpleNamespace(alphabet=bench.ALPHABET))
+    arch = bench.architecture(policy.model)
+    mcfg = cfg["model"]
+    assert arch["hidden_size"] == mcfg["hidden_size"] and arch["num_hidden_layers"] == mcfg["num_layers"]
+    assert arch["num_key_value_heads"] == mcfg["num_kv_heads"] and arch["vocab_size"] == mcfg["vocab_size"]
+    assert arch["matmul_params_counted"] == arch["matmul_params_in_model"]
+    assert arch["params_trainable"] == arch["lora_params"] > 0
+    one = bench.sequence_flops(arch, 512, lora=True)
+    assert one["forward"] > 2 * 512 * arch["matmul_params_counted"]  # attention and adapters come on top
