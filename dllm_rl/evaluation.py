@@ -132,17 +132,24 @@ def score(
 
     ``shard``: every rank decodes examples rank, rank + world, ... and all ranks receive the full,
     ordered result, so that metrics and records do not depend on the number of processes.
+    Every rank decodes the same number of prompts (a short share is padded with copies of an example
+    whose outputs are dropped), so every rank runs the same number of sampler forwards: under ZeRO-3
+    each forward gathers the sharded parameters collectively, and ranks must stay in lockstep.
     """
     rank, world = _rank_world() if shard else (0, 1)
     mine = examples[rank::world]
+    share = -(-len(examples) // world) if examples else 0
+    # Pad with this rank's own last example where it has one, so no micro-batch gets a longer prompt.
+    filler = mine[-1] if mine else examples[0] if examples else None
+    padded = mine + [filler] * (share - len(mine)) if examples else []
     prefill = task.eval_prefill
     texts: list[str] = []
     nfe = 0
-    if mine:
+    if padded:
         _, _, completion_ids, nfe = generate(
             policy,
             sampler,
-            [ex["eval_prompt"] for ex in mine],
+            [ex["eval_prompt"] for ex in padded],
             batch_size,
             0.0,
             None,
@@ -150,7 +157,7 @@ def score(
             prefill=prefill,
             max_prompt_tokens=max_prompt_tokens,
         )
-        texts = policy.decode(completion_ids)
+        texts = policy.decode(completion_ids[: len(mine)])
     if world > 1:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, (texts, nfe))
