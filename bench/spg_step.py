@@ -473,11 +473,7 @@ def spg_step(ctx: SimpleNamespace, round_index: int) -> dict[str, Any]:
 
 def setup(args: argparse.Namespace, cfg: dict[str, Any]) -> SimpleNamespace:
     """Policy, LoRA, checkpointing, sampler, objective and DeepSpeed engine, as worker.run builds them."""
-    import deepspeed
-
-    from dllm_rl.objectives import get_objective
-    from dllm_rl.samplers import get_sampler
-    from dllm_rl.worker import build_policy, deepspeed_config, init_distributed, quiet_libraries
+    from dllm_rl.worker import build_policy, build_training, init_distributed, quiet_libraries
 
     quiet_libraries()
     if cfg["cluster"]["threads"]:
@@ -491,24 +487,7 @@ def setup(args: argparse.Namespace, cfg: dict[str, Any]) -> SimpleNamespace:
     # only lends build_policy the alphabet of the character tokenizer.
     with torch.device(device):
         policy, _ = build_policy(cfg, SimpleNamespace(alphabet=ALPHABET))
-    if cfg["model"]["gradient_checkpointing"]:
-        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy.model.to(device)
-    sampler = get_sampler(cfg["sampler"])
-    objective = get_objective(
-        cfg["objective"],
-        int(cfg["seed"]),
-        group_size=int(cfg["rollout"]["samples_per_prompt"]),
-        micro_batch=int(cfg["train"]["micro_batch_per_gpu"]),
-    )
-    if objective.needs_reference:
-        policy.attach_reference()
-    engine, *_ = deepspeed.initialize(
-        model=policy.model,
-        model_parameters=[p for p in policy.model.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg),
-    )
-    policy.forward_module = engine
+    sampler, objective, engine = build_training(cfg, policy, device)
     synchronize(device)
     return SimpleNamespace(
         cfg=cfg,

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from dllm_rl.errors import ConfigError
+from dllm_rl.zero3 import ZERO3_PARAMS
 
 # --------------------------------------------------------------------------------------------- groups
 
@@ -425,6 +426,8 @@ class RolloutCfg:
     prompts_per_step: int = 16
     samples_per_prompt: int = 8
     micro_batch: int = 128
+    # a string checked by validate() (not an Enum), so a bad value is a ConfigError naming the field
+    zero3_params: str = "lockstep"
 
 
 @dataclass
@@ -598,6 +601,11 @@ def validate(cfg: Any) -> None:
     need(
         world == 1 or q % world == 0,
         f"rollout.prompts_per_step={q} must be divisible by cluster.nproc={world} (whole groups per process)",
+    )
+    zero3 = r.get("zero3_params", "lockstep")
+    need(
+        zero3 in ZERO3_PARAMS,
+        f"rollout.zero3_params={zero3!r} must be one of {', '.join(ZERO3_PARAMS)}",
     )
 
     mu = o["inner_iterations"]

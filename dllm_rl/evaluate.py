@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -189,21 +188,11 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
     nproc = int(cfg["cluster"]["nproc"])
     if nproc == 1:
         return run(cfg)
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
-    from dllm_rl.worker import _free_port
+    from dllm_rl.worker import local_launch_config
 
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
-        run_id=uuid.uuid4().hex,
-        max_restarts=0,
-        monitor_interval=0.2,
-        start_method="spawn",
-    )
+    config = local_launch_config(nproc)
     # The function as dllm_rl.evaluate.run (not __main__.run), so that spawned workers can import it.
     import dllm_rl.evaluate as module
 

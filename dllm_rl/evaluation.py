@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dllm_rl import zero3
 from dllm_rl.errors import ConfigError
 from dllm_rl.models.policy import Policy
 from dllm_rl.tasks.base import Task, total_reward
@@ -40,16 +41,20 @@ def generate(
     chat: bool = False,
     prefill: str = "",
     max_prompt_tokens: int | None = None,
+    zero3_params: str = "lockstep",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(prompt ids, attention, completion ids, forward passes) for a list of prompts.
 
-    ``max_prompt_tokens`` left-truncates the rendered prompts (None: as they are).
+    ``max_prompt_tokens`` left-truncates the rendered prompts (None: as they are). ``zero3_params``
+    (rollout.zero3_params) is how a ZeRO-3 engine's sharded parameters are used for the whole call
+    (dllm_rl/zero3.py): under ZeRO-3 every rank must call this, with the same number of prompts, so that
+    the micro-batches below give every rank the same number of sampler calls.
     """
     prompt_ids, attention = policy.encode_prompts(
         list(prompts), chat=chat, prefill=prefill, max_tokens=max_prompt_tokens
     )
     outputs, nfe = [], 0
-    with policy.scoring():
+    with zero3.rollout_params(policy, zero3_params), policy.scoring():
         for lo in range(0, len(prompts), micro_batch):
             # Each micro-batch only needs the padding of its own longest prompt.
             rows = attention[lo : lo + micro_batch]
@@ -127,6 +132,7 @@ def score(
     batch_size: int,
     max_prompt_tokens: int | None = None,
     shard: bool = False,
+    zero3_params: str = "lockstep",
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy completions of the examples' eval prompts -> (metrics, one record per example).
 
@@ -135,6 +141,7 @@ def score(
     Every rank decodes the same number of prompts (a short share is padded with copies of an example
     whose outputs are dropped), so every rank runs the same number of sampler forwards: under ZeRO-3
     each forward gathers the sharded parameters collectively, and ranks must stay in lockstep.
+    Under ZeRO-3 every rank must call this (sharded or not), whichever ``zero3_params`` (see generate).
     """
     rank, world = _rank_world() if shard else (0, 1)
     mine = examples[rank::world]
@@ -156,6 +163,7 @@ def score(
             chat=task.chat,
             prefill=prefill,
             max_prompt_tokens=max_prompt_tokens,
+            zero3_params=zero3_params,
         )
         texts = policy.decode(completion_ids[: len(mine)])
     if world > 1:

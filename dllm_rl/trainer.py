@@ -96,6 +96,8 @@ class Trainer:
         self.group = int(cfg["rollout"]["samples_per_prompt"])
         self.prompts_per_step = int(cfg["rollout"]["prompts_per_step"])
         self.mu = int(cfg["objective"]["inner_iterations"])
+        # How rollouts and evaluations use ZeRO-3's sharded parameters (dllm_rl/zero3.py).
+        self.zero3_params = str(cfg["rollout"].get("zero3_params", "lockstep"))
         self.truncate_prompts_to = evaluation.truncation(task.cfg)
         self.dropped_prompts: dict[str, int] = {}
         self.train_examples = self._examples("train", "prompt", "", None)
@@ -135,6 +137,7 @@ class Trainer:
             generator,
             chat=self.task.chat,
             max_prompt_tokens=self.truncate_prompts_to,
+            zero3_params=self.zero3_params,
         )
         gen_seconds = time.perf_counter() - start
         texts = self.policy.decode(completion_ids)
@@ -305,6 +308,7 @@ class Trainer:
             self._eval_examples(split),
             int(self.cfg["eval"]["batch_size"]),
             self.truncate_prompts_to,
+            zero3_params=self.zero3_params,
         )
         metrics["seconds"] = time.perf_counter() - start
         name = f"step_{step}.jsonl" if split == "test" else f"{split}_step_{step}.jsonl"

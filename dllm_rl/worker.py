@@ -28,6 +28,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_launch_config(nproc: int) -> Any:
+    """torch elastic launch settings for ``nproc`` processes on this machine (spawned, free port, no restarts)."""
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        run_id=uuid.uuid4().hex,
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+    )
+
+
 def init_distributed(backend: str) -> None:
     """Single-process defaults for the torch.distributed environment, then DeepSpeed's init."""
     import deepspeed
@@ -120,30 +139,18 @@ def build_policy(cfg: dict[str, Any], task: Any) -> tuple[Any, dict[str, Any]]:
     return policy, info
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Train one run described by the resolved config; returns (and writes) the summary."""
+def build_training(cfg: dict[str, Any], policy: Any, device: torch.device) -> tuple[Any, Any, Any]:
+    """Checkpointing, device, sampler, objective, π_ref and the DeepSpeed engine around ``policy``
+    (``policy.forward_module`` becomes the engine): everything a run needs besides data and policy."""
     import deepspeed
 
     from dllm_rl.objectives import get_objective
     from dllm_rl.samplers import get_sampler
-    from dllm_rl.tasks import get_task
-    from dllm_rl.tracking import Tracker
-    from dllm_rl.trainer import Trainer
 
-    start = time.perf_counter()
-    run_dir = Path(cfg["run_dir"])
-    quiet_libraries()
-    if cfg["cluster"]["threads"]:
-        torch.set_num_threads(int(cfg["cluster"]["threads"]))
-    init_distributed(cfg["cluster"]["backend"])
-
-    task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
-    policy, base_info = build_policy(cfg, task)
     if cfg["model"]["gradient_checkpointing"]:
         # Non-reentrant checkpointing needs no input that requires grad, so it also works under a
         # frozen base with a LoRA adapter.
         policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    device = torch.device(cfg["cluster"]["device"])
     policy.model.to(device)
     sampler = get_sampler(cfg["sampler"])
     objective = get_objective(
@@ -161,6 +168,25 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         config=deepspeed_config(cfg),
     )
     policy.forward_module = engine
+    return sampler, objective, engine
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train one run described by the resolved config; returns (and writes) the summary."""
+    from dllm_rl.tasks import get_task
+    from dllm_rl.tracking import Tracker
+    from dllm_rl.trainer import Trainer
+
+    start = time.perf_counter()
+    run_dir = Path(cfg["run_dir"])
+    quiet_libraries()
+    if cfg["cluster"]["threads"]:
+        torch.set_num_threads(int(cfg["cluster"]["threads"]))
+    init_distributed(cfg["cluster"]["backend"])
+
+    task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
+    policy, base_info = build_policy(cfg, task)
+    sampler, objective, engine = build_training(cfg, policy, torch.device(cfg["cluster"]["device"]))
     tracker = Tracker(run_dir, cfg)
     status = {"status": "running", "started": time.time()}
     (run_dir / "status.json").write_text(json.dumps(status))

@@ -17,11 +17,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedModel, Qwen2Config
+from transformers import PreTrainedModel, Qwen2Config
 from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
+from dllm_rl.models.auto import register_architecture
 from dllm_rl.models.llada import Float32InvFreq, bidirectional_attention_mask, default_position_ids
 
 # The official config.json spells it with a capital D; AutoConfig looks model types up case-sensitively.
@@ -209,18 +210,4 @@ class DreamModel(PreTrainedModel):
         return MaskedLMOutput(logits=self.lm_head(hidden))
 
 
-def _register() -> None:
-    # Re-registering raises in transformers (e.g. on importlib.reload or a second import path),
-    # so only register what is not there yet.
-    try:
-        AutoConfig.register(MODEL_TYPE, DreamConfig)
-    except ValueError:
-        pass
-    for auto_cls in (AutoModel, AutoModelForMaskedLM):
-        try:
-            auto_cls.register(DreamConfig, DreamModel)
-        except ValueError:
-            pass
-
-
-_register()
+register_architecture(MODEL_TYPE, DreamConfig, DreamModel)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -41,6 +41,8 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
+
+from dllm_rl.models.auto import register_architecture
 
 MODEL_TYPE = "llada"
 
@@ -426,18 +428,4 @@ class LLaDAModelLM(PreTrainedModel):
         return MaskedLMOutput(logits=logits)
 
 
-def _register() -> None:
-    # Re-registering raises in transformers (e.g. on importlib.reload or a second import path),
-    # so only register what is not there yet.
-    try:
-        AutoConfig.register(MODEL_TYPE, LLaDAConfig)
-    except ValueError:
-        pass
-    for auto_cls in (AutoModel, AutoModelForMaskedLM):
-        try:
-            auto_cls.register(LLaDAConfig, LLaDAModelLM)
-        except ValueError:
-            pass
-
-
-_register()
+register_architecture(MODEL_TYPE, LLaDAConfig, LLaDAModelLM)

@@ -37,6 +37,12 @@ ADAPTER_CONFIG = "adapter_config.json"
 EMBEDDED_BASE = "base"
 
 
+def first_line(exc: BaseException) -> str:
+    """A library exception as one line for a user-facing message (its first line, or its type)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def dtype_of(name: str) -> torch.dtype:
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -104,7 +110,7 @@ def _file_shapes(file: Path) -> dict[str, tuple[int, ...]]:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one user-facing error
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(f"model.path={file.parent}: cannot read {file.name}: {first}") from None
     if not isinstance(state, Mapping):
         raise ConfigError(f"model.path={file.parent}: {file.name} does not hold a state dict")
@@ -177,7 +183,7 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(
             f"model.path={path}: config.json is not a valid {raw['model_type']} config: {first}"
         ) from None
@@ -192,7 +198,7 @@ def load_model(
     try:
         model, info = AutoModelForMaskedLM.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(f"model.path={path}: cannot load the weights: {first}") from None
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in (info.get(kind) or ()))
@@ -242,7 +248,7 @@ def load_tokenizer(path: Path, config: Any, family: Family, chat_template: str =
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(
             f"model.path={path}: cannot load the tokenizer (expected tokenizer.json or tokenizer_config.json "
             f"with its vocabulary files): {first}"

@@ -251,8 +251,9 @@ def load_pretrained(
         try:
             model = PeftModel.from_pretrained(model, a, is_trainable=trainable, local_files_only=True)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"model.adapter={a}: cannot load the adapter onto {p}: {first}") from None
+            raise ConfigError(
+                f"model.adapter={a}: cannot load the adapter onto {p}: {loading.first_line(exc)}"
+            ) from None
     return Policy(model, tokenizer, family)
 
 

@@ -13,11 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 
+from dllm_rl.models.auto import register_architecture
 from dllm_rl.models.positions import position_ids_from_attention_mask  # noqa: F401  (re-exported)
 
 MODEL_TYPE = "dllm_rl_tiny"
@@ -237,18 +238,4 @@ class TinyMDLM(PreTrainedModel):
         return MaskedLMOutput(logits=self.lm_head(hidden))
 
 
-def _register() -> None:
-    # Re-registering raises in transformers (e.g. on importlib.reload or a second import path),
-    # so only register what is not there yet.
-    try:
-        AutoConfig.register(MODEL_TYPE, TinyMDLMConfig)
-    except ValueError:
-        pass
-    for auto_cls in (AutoModel, AutoModelForMaskedLM):
-        try:
-            auto_cls.register(TinyMDLMConfig, TinyMDLM)
-        except ValueError:
-            pass
-
-
-_register()
+register_architecture(MODEL_TYPE, TinyMDLMConfig, TinyMDLM)
