@@ -379,31 +379,11 @@ def synthetic_prompts(policy: Any, count: int, length: int, seed: int) -> list[s
     return ["".join(rng.choice(ALPHABET) for _ in range(chars)) for _ in range(count)]
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Every tensor of the rollout batch on the policy's device.
-
-    Trainer.rollout leaves rewards and advantages on the CPU; SPG's loss combines the advantages with
-    logits-derived tensors (torch.where(a > 0, ...)), which only works when both sit on one device.
-    """
-    from dataclasses import fields
-
-    out = {}
-    for f in fields(batch):
-        value = getattr(batch, f.name)
-        if isinstance(value, torch.Tensor):
-            value = value.to(device)
-        elif isinstance(value, dict):
-            value = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in value.items()}
-        out[f.name] = value
-    return type(batch)(**out)
-
-
 def spg_step(ctx: SimpleNamespace, round_index: int) -> dict[str, Any]:
     """One rollout round's rollout + prepare + first optimizer step, clocked per phase."""
     from dllm_rl import evaluation
     from dllm_rl.likelihood.masks import mask_seed
-    from dllm_rl.objectives.base import RolloutBatch
-    from dllm_rl.trainer import completion_validity
+    from dllm_rl.trainer import rollout_batch
 
     cfg, policy, engine, objective = ctx.cfg, ctx.policy, ctx.engine, ctx.objective
     group = int(cfg["rollout"]["samples_per_prompt"])
@@ -425,19 +405,9 @@ def spg_step(ctx: SimpleNamespace, round_index: int) -> dict[str, Any]:
         n = len(prompts)
         reward_gen = torch.Generator().manual_seed(mask_seed(seed, "bench_rewards", round_index))
         rewards = torch.randint(0, 2, (n,), generator=reward_gen).float()
-        batch = RolloutBatch(
-            prompt_ids=prompt_ids,
-            prompt_attention=attention,
-            completion_ids=completion_ids,
-            completion_mask=completion_validity(completion_ids, policy.eos_id),
-            group_index=torch.arange(n) // group,
-            sample_uid=torch.arange(n),
-            rewards=rewards,
-            reward_parts={"random": rewards},
-            advantages=objective.advantages(rewards, group),
-            round=round_index,
+        batch = rollout_batch(
+            policy, objective, group, round_index, prompt_ids, attention, completion_ids, rewards, {"random": rewards}
         )
-        batch = to_device(batch, policy.device)
 
     with clock.phase("prepare"):
         objective.prepare(batch, policy)

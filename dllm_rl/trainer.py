@@ -69,6 +69,37 @@ class PromptStream:
         self._order = self._permutation()
 
 
+def rollout_batch(
+    policy: Policy,
+    objective: Any,
+    group: int,
+    round_index: int,
+    prompt_ids: torch.Tensor,
+    attention: torch.Tensor,
+    completion_ids: torch.Tensor,
+    rewards: torch.Tensor,
+    reward_parts: dict[str, torch.Tensor],
+) -> RolloutBatch:
+    """A scored rollout round as the objectives take it: G consecutive rows per prompt, validity masks,
+    the objective's advantages. Rewards and advantages go to the policy's device, where the objectives
+    combine them with log-probs; the reward parts stay on the CPU (they are only logged)."""
+    device = policy.device
+    rewards = rewards.to(device)
+    n = completion_ids.shape[0]
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_attention=attention,
+        completion_ids=completion_ids,
+        completion_mask=completion_validity(completion_ids, policy.eos_id),
+        group_index=torch.arange(n, device=device) // group,
+        sample_uid=torch.arange(n, device=device),
+        rewards=rewards,
+        reward_parts=reward_parts,
+        advantages=objective.advantages(rewards, group),
+        round=round_index,
+    )
+
+
 def completion_validity(completion_ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:
     """v_i: 1 up to and including the first EOS, 0 after it; all 1 without an EOS."""
     if eos_id is None:
@@ -142,23 +173,20 @@ class Trainer:
         gen_seconds = time.perf_counter() - start
         texts = self.policy.decode(completion_ids)
         parts = [self.task.reward(text, ex) for text, ex in zip(texts, examples, strict=True)]
-        # On the policy's device: the objectives combine rewards and advantages with log-probs.
-        device = self.policy.device
-        rewards = torch.tensor([total_reward(p) for p in parts], dtype=torch.float32, device=device)
+        rewards = torch.tensor([total_reward(p) for p in parts], dtype=torch.float32)
         reward_parts = {k: torch.tensor([p[k] for p in parts], dtype=torch.float32) for k in parts[0]}
-        n = len(examples)
-        batch = RolloutBatch(
-            prompt_ids=prompt_ids,
-            prompt_attention=attention,
-            completion_ids=completion_ids,
-            completion_mask=completion_validity(completion_ids, self.policy.eos_id),
-            group_index=torch.arange(n, device=device) // self.group,
-            sample_uid=torch.arange(n, device=device),
-            rewards=rewards,
-            reward_parts=reward_parts,
-            advantages=self.objective.advantages(rewards, self.group),
-            round=round_index,
+        batch = rollout_batch(
+            self.policy,
+            self.objective,
+            self.group,
+            round_index,
+            prompt_ids,
+            attention,
+            completion_ids,
+            rewards,
+            reward_parts,
         )
+        rewards = batch.rewards
         grouped = rewards.view(-1, self.group)
         stats = {
             "reward_mean": float(rewards.mean()),

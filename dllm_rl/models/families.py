@@ -86,9 +86,11 @@ def _sizes(cfg: Mapping[str, Any]) -> dict[str, Any]:
     heads = int(cfg["num_heads"])
     kv = int(cfg.get("num_kv_heads") or heads)
     hidden = int(cfg["hidden_size"])
+    from dllm_rl.models.tiny import swiglu_width
+
     inter = cfg.get("intermediate_size")
-    if inter is None:  # SwiGLU at 8/3 d, rounded up to a multiple of 8 (as the tiny model does)
-        inter = 8 * -(-(8 * hidden // 3) // 8)
+    if inter is None:  # the tiny model's rule, so every family of one size has the same MLP width
+        inter = swiglu_width(hidden)
     return {"heads": heads, "kv": kv, "hidden": hidden, "inter": int(inter), "layers": int(cfg["num_layers"])}
 
 

@@ -24,6 +24,12 @@ from dllm_rl.models.positions import position_ids_from_attention_mask  # noqa: F
 MODEL_TYPE = "dllm_rl_tiny"
 
 
+def swiglu_width(hidden_size: int) -> int:
+    """SwiGLU has three matrices, so 8/3*d keeps the parameter count of a 4*d GELU MLP; rounded up to a
+    multiple of 8 for friendlier matmul shapes (64 -> 176)."""
+    return 8 * math.ceil(8 * hidden_size / 3 / 8)
+
+
 @strict  # type-checks fields and runs validate_* methods at construction, like the built-in configs
 class TinyMDLMConfig(PretrainedConfig):
     # transformers 5 configs are dataclasses: fields are class annotations with defaults, and unknown
@@ -49,9 +55,7 @@ class TinyMDLMConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
-            # SwiGLU has three matrices, so 8/3*d keeps the parameter count of a 4*d GELU MLP;
-            # round up to a multiple of 8 for friendlier matmul shapes (64 -> 176).
-            self.intermediate_size = 8 * math.ceil(8 * self.hidden_size / 3 / 8)
+            self.intermediate_size = swiglu_width(self.hidden_size)
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
