@@ -26,7 +26,7 @@ test: install
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
 
 lint: install
-	$(PY) -m ruff check dllm_rl tests
+	$(PY) -m ruff check dllm_rl hydra_plugins tests bench
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

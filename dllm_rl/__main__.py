@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import dllm_rl  # noqa: F401  (registers the config schemas)
+from dllm_rl.checkpoint import write_text_atomic
 from dllm_rl.config import check_writable, validate
 from dllm_rl.errors import DllmRlError
 
@@ -37,9 +38,16 @@ def _summary_line(summary: dict) -> str:
     )
 
 
+def _search_metric(summary: dict) -> float:
+    """What a sweeper optimises: the last validation score (the test split never selects anything)."""
+    name = summary["primary_metric"]
+    val = [e for e in summary.get("evals", []) if e.get("split") == "validation"]
+    return float(val[-1][name] if val else summary["final_metric"])
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    from dllm_rl.worker import run
+def main(cfg: DictConfig) -> float | None:
+    from dllm_rl.launcher import Preempted, exit_preempted, global_rank, in_slurm_task, start, worker_command
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -49,16 +57,27 @@ def main(cfg: DictConfig) -> float:
         check_writable(Path(cfg.cache_dir).expanduser(), "cache_dir")
         plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         plain["run_dir"] = str(run_dir)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain))
-        summary = run(plain)
+        config_path = run_dir / "config.yaml"
+        if global_rank() == 0:  # every task of a SLURM job runs this function; one writes
+            write_text_atomic(config_path, OmegaConf.to_yaml(plain))
+        if cfg.cluster.launcher == "external" and not in_slurm_task():
+            command = worker_command(config_path, int(cfg.cluster.nproc))
+            log.info("config written to %s; start the workers with: %s", config_path, command)
+            print(command)
+            return None
+        summary = start(plain)
     except DllmRlError as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as exc:
+        exit_preempted(exc)
+    if global_rank() != 0 or summary is None:
+        return None
     line = _summary_line(summary)
     log.info("%s", line)
     print(line)
-    return float(summary["final_metric"])
+    return _search_metric(summary)
 
 
 def _preflight_output_dir(argv: list[str]) -> None:

@@ -398,9 +398,23 @@ class ClusterCfg:
     name: str = MISSING
     launcher: str = "local"
     nproc: int = 1
+    nodes: int = 1
     backend: str = "gloo"
     device: str = "cpu"
     threads: int = 0
+    # SLURM (cluster=slurm; hydra-submitit-launcher's fields are interpolated from these)
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    time_min: int = 60
+    mem_gb: int | None = None
+    setup: list[str] = field(default_factory=list)
+    signal_delay_s: int = 120
+    max_requeues: int = 3
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -470,6 +484,8 @@ class WarmstartCfg:
 class CheckpointCfg:
     every_n_steps: int = 0
     keep_last: int = 2
+    resume_mode: str = "auto"
+    resume_path: str | None = None
 
 
 @dataclass
@@ -542,6 +558,14 @@ def register_configs() -> None:
 
 # ---------------------------------------------------------------------------------------- validation
 
+LAUNCHERS = ("local", "slurm", "external")
+RESUME_MODES = ("auto", "disable", "path")
+
+
+def world_size(cluster: Any) -> int:
+    """Training processes of a run: cluster.nproc per node (one per GPU) times cluster.nodes."""
+    return int(cluster["nproc"]) * int(cluster.get("nodes", 1) or 1)
+
 
 def validate(cfg: Any) -> None:
     """Cross-field rules. ``cfg`` is the composed config (DictConfig or a plain nested dict).
@@ -555,7 +579,7 @@ def validate(cfg: Any) -> None:
             errors.append(message)
 
     s, r, t, o = cfg["sampler"], cfg["rollout"], cfg["train"], cfg["objective"]
-    world = int(cfg["cluster"]["nproc"])
+    world = world_size(cfg["cluster"])
 
     need(s["gen_length"] > 0, f"sampler.gen_length={s['gen_length']} must be positive")
     need(s["block_length"] > 0, f"sampler.block_length={s['block_length']} must be positive")
@@ -582,11 +606,15 @@ def validate(cfg: Any) -> None:
     need(q >= 1, f"rollout.prompts_per_step={q} must be >= 1")
     completions = q * group
     micro = t["micro_batch_per_gpu"]
-    need(world >= 1, f"cluster.nproc={world} must be >= 1")
+    nodes = int(cfg["cluster"].get("nodes", 1))
+    procs = f"cluster.nodes*cluster.nproc={world}" if nodes > 1 else f"cluster.nproc={world}"
+    need(int(cfg["cluster"]["nproc"]) >= 1, f"cluster.nproc={cfg['cluster']['nproc']} must be >= 1")
+    need(int(cfg["cluster"].get("nodes", 1)) >= 1, f"cluster.nodes={cfg['cluster'].get('nodes')} must be >= 1")
+    world = max(world, 1)
     need(
         micro >= 1 and completions % (world * max(micro, 1)) == 0,
         f"rollout.prompts_per_step*rollout.samples_per_prompt={completions} must be divisible by "
-        f"cluster.nproc*train.micro_batch_per_gpu={world}*{micro}",
+        f"processes*train.micro_batch_per_gpu={world}*{micro} ({procs})",
     )
     need(
         micro >= 1 and (micro % group == 0 or group % micro == 0),
@@ -600,7 +628,8 @@ def validate(cfg: Any) -> None:
     )
     need(
         world == 1 or q % world == 0,
-        f"rollout.prompts_per_step={q} must be divisible by cluster.nproc={world} (whole groups per process)",
+        f"rollout.prompts_per_step={q} must be divisible by the number of processes "
+        f"({procs}; whole groups per process)",
     )
     zero3 = r.get("zero3_params", "lockstep")
     need(
@@ -638,16 +667,31 @@ def validate(cfg: Any) -> None:
     ckpt = cfg["checkpoint"]
     need(ckpt["every_n_steps"] >= 0, "checkpoint.every_n_steps must be >= 0 (0 = only at the end)")
     need(ckpt["keep_last"] >= 1, "checkpoint.keep_last must be >= 1")
+    mode = ckpt.get("resume_mode", "auto")
+    need(mode in RESUME_MODES, f"checkpoint.resume_mode={mode!r} must be one of {', '.join(RESUME_MODES)}")
+    if mode == "path":
+        rp = ckpt.get("resume_path")
+        need(
+            rp is not None and Path(os.path.expanduser(str(rp))).is_dir(),
+            f"checkpoint.resume_path={rp}: checkpoint.resume_mode=path needs an existing checkpoint directory",
+        )
     ws = cfg["warmstart"]
     need(0.0 <= ws["t_min"] < 1.0, f"warmstart.t_min={ws['t_min']} must be in [0, 1)")
 
     cl = cfg["cluster"]
-    need(cl["launcher"] == "local", f"cluster.launcher={cl['launcher']!r}: only 'local' is available")
+    need(
+        cl["launcher"] in LAUNCHERS,
+        f"cluster.launcher={cl['launcher']!r} must be one of {', '.join(LAUNCHERS)}",
+    )
+    need(
+        cl["launcher"] == "slurm" or int(cl.get("nodes", 1)) == 1,
+        f"cluster.nodes={cl.get('nodes')} needs cluster=slurm (cluster.launcher={cl['launcher']} runs on this machine)",
+    )
     need(cl["backend"] in ("gloo", "nccl"), f"cluster.backend={cl['backend']!r} must be 'gloo' or 'nccl'")
     need(cl["device"] in ("cpu", "cuda"), f"cluster.device={cl['device']!r} must be 'cpu' or 'cuda'")
     need(
-        world == 1,
-        f"cluster.nproc={world}: multi-process launch is not implemented yet; use cluster.nproc=1",
+        cl["device"] != "cuda" or cl["backend"] == "nccl" or world == 1,
+        f"cluster.backend={cl['backend']} with cluster.device=cuda: use nccl for several GPU processes",
     )
     need(
         cfg["logging"]["backend"] in ("wandb", "none"),

@@ -42,9 +42,13 @@ def generate(
     prefill: str = "",
     max_prompt_tokens: int | None = None,
     zero3_params: str = "lockstep",
+    micro_seeds: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(prompt ids, attention, completion ids, forward passes) for a list of prompts.
 
+    ``micro_seeds``: one seed per micro-batch, each then drawing its noise from its own generator
+    (instead of ``generator`` shared by all), so that a micro-batch's completions do not depend on
+    which micro-batches ran before it on this process: rollouts split over ranks equal one process's.
     ``max_prompt_tokens`` left-truncates the rendered prompts (None: as they are). ``zero3_params``
     (rollout.zero3_params) is how a ZeRO-3 engine's sharded parameters are used for the whole call
     (dllm_rl/zero3.py): under ZeRO-3 every rank must call this, with the same number of prompts, so that
@@ -55,7 +59,9 @@ def generate(
     )
     outputs, nfe = [], 0
     with zero3.rollout_params(policy, zero3_params), policy.scoring():
-        for lo in range(0, len(prompts), micro_batch):
+        for j, lo in enumerate(range(0, len(prompts), micro_batch)):
+            if micro_seeds is not None:
+                generator = torch.Generator(device=policy.device).manual_seed(int(micro_seeds[j]))
             # Each micro-batch only needs the padding of its own longest prompt.
             rows = attention[lo : lo + micro_batch]
             width = int(rows.sum(dim=1).max())

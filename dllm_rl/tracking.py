@@ -1,10 +1,16 @@
-"""Metrics sinks: metrics.jsonl in the run directory (always) and wandb (offline by default)."""
+"""Metrics sinks: metrics.jsonl in the run directory (always) and wandb (offline by default).
+
+Only rank 0 of a multi-process run writes; other ranks get a tracker that records nothing. A
+resumed run continues the same metrics.jsonl (records after the checkpoint's step are dropped, since
+the resumed run repeats those steps) and the same wandb run (its id is saved in the checkpoint).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +23,50 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def truncate_after(path: Path, step: int) -> int:
+    """Keep only the records of steps <= ``step`` (atomically); returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1  # a line cut off by a kill mid-write
+            continue
+        if int(record.get("step", 0)) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+    return dropped
+
+
 class Tracker:
-    def __init__(self, run_dir: Path, cfg: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: dict[str, Any],
+        enabled: bool = True,
+        resume_step: int | None = None,
+        wandb_id: str | None = None,
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = None
-        self.wandb_id: str | None = None
+        self.wandb_id: str | None = wandb_id
+        self._file = None
+        if not enabled:
+            return
+        if resume_step is not None:
+            dropped = truncate_after(self.path, resume_step)
+            if dropped:
+                log.info(
+                    "metrics.jsonl: dropped %d records after step %d (the resumed run repeats them)",
+                    dropped,
+                    resume_step,
+                )
         self._file = self.path.open("a")
         lcfg = cfg["logging"]
         if lcfg["backend"] == "wandb" and lcfg["wandb_mode"] != "disabled":
@@ -36,19 +81,31 @@ class Tracker:
                 mode=lcfg["wandb_mode"],
                 config=cfg,
                 reinit="finish_previous",
+                # the same wandb run after a restart or a requeue
+                id=wandb_id,
+                resume="allow" if wandb_id else None,
             )
             self.wandb_id = self.wandb_run.id
             log.info("wandb %s run %s in %s", lcfg["wandb_mode"], self.wandb_id, run_dir / "wandb")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
     def finish(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None

@@ -11,6 +11,7 @@ evaluate before, every N steps and at the end; checkpoint every K steps and at t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -24,10 +25,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from dllm_rl import checkpoint, evaluation
-from dllm_rl.errors import NonFiniteError
+from dllm_rl.errors import DllmRlError, NonFiniteError
 from dllm_rl.likelihood.masks import mask_seed
 from dllm_rl.models.policy import Policy
 from dllm_rl.objectives.base import Objective, RolloutBatch
+from dllm_rl.preemption import StopRequests
 from dllm_rl.tasks.base import Task, total_reward
 from dllm_rl.tracking import Tracker
 
@@ -79,20 +81,23 @@ def rollout_batch(
     completion_ids: torch.Tensor,
     rewards: torch.Tensor,
     reward_parts: dict[str, torch.Tensor],
+    first_uid: int = 0,
 ) -> RolloutBatch:
     """A scored rollout round as the objectives take it: G consecutive rows per prompt, validity masks,
     the objective's advantages. Rewards and advantages go to the policy's device, where the objectives
-    combine them with log-probs; the reward parts stay on the CPU (they are only logged)."""
+    combine them with log-probs; the reward parts stay on the CPU (they are only logged).
+    ``first_uid``: the round-wide id of the first row (this rank's offset), which seeds its masks."""
     device = policy.device
     rewards = rewards.to(device)
     n = completion_ids.shape[0]
+    uids = torch.arange(first_uid, first_uid + n, device=device)
     return RolloutBatch(
         prompt_ids=prompt_ids,
         prompt_attention=attention,
         completion_ids=completion_ids,
         completion_mask=completion_validity(completion_ids, policy.eos_id),
-        group_index=torch.arange(n, device=device) // group,
-        sample_uid=torch.arange(n, device=device),
+        group_index=uids // group,
+        sample_uid=uids,
         rewards=rewards,
         reward_parts=reward_parts,
         advantages=objective.advantages(rewards, group),
@@ -120,8 +125,13 @@ class Trainer:
         objective: Objective,
         tracker: Tracker,
         run_dir: Path,
+        resume_from: Path | None = None,
+        stop_requests: StopRequests | None = None,
     ) -> None:
         self.cfg, self.policy, self.engine, self.task = cfg, policy, engine, task
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.resume_from = resume_from
+        self.stop_requests = stop_requests or StopRequests()
         self.sampler, self.objective, self.tracker, self.run_dir = sampler, objective, tracker, run_dir
         self.seed = int(cfg["seed"])
         self.group = int(cfg["rollout"]["samples_per_prompt"])
@@ -137,6 +147,11 @@ class Trainer:
         self.global_step = 0
         self.last_skip_reason: str | None = None
         self.skip_streak: list[str] = []  # reasons of the consecutive skipped steps up to now
+        self.best: dict[str, Any] | None = None  # the step with the best validation metric so far
+        self.evals: list[dict[str, Any]] = []  # every evaluation of the run
+        self.base: dict[str, float] | None = None  # the test metrics before RL
+        self.rl_seconds = 0.0  # RL wall time of earlier sessions of a resumed run
+        self._session_start = time.perf_counter()
 
     def _examples(self, split: str, column: str, prefill: str, cap: int | None) -> list[dict[str, Any]]:
         """A split's rows (the first ``cap`` of them), without prompts over task.max_prompt_tokens."""
@@ -155,20 +170,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ rollout
     def rollout(self, round_index: int) -> tuple[RolloutBatch, dict[str, float]]:
+        """This rank's share of the round: prompts_per_step/world prompts x G completions, scored.
+
+        Every rank draws the same Q prompts from the stream and keeps its contiguous slice, so rows
+        have the same round-wide ids (and masks, and sampler noise per rollout micro-batch) however
+        many processes share the round; the statistics are over the whole round.
+        """
         start = time.perf_counter()
         indices = self.stream.next(self.prompts_per_step)
-        examples = [self.train_examples[i] for i in indices for _ in range(self.group)]
-        generator = torch.Generator(device=self.policy.device).manual_seed(mask_seed(self.seed, "rollout", round_index))
+        share = self.prompts_per_step // self.world
+        mine = indices[self.rank * share : (self.rank + 1) * share]
+        examples = [self.train_examples[i] for i in mine for _ in range(self.group)]
+        first_uid = self.rank * share * self.group
+        micro = int(self.cfg["rollout"]["micro_batch"])
+        seeds = [mask_seed(self.seed, "rollout", round_index, first_uid + lo) for lo in range(0, len(examples), micro)]
         prompt_ids, attention, completion_ids, nfe = evaluation.generate(
             self.policy,
             self.sampler,
             [ex["prompt"] for ex in examples],
-            int(self.cfg["rollout"]["micro_batch"]),
+            micro,
             None,
-            generator,
+            None,
             chat=self.task.chat,
             max_prompt_tokens=self.truncate_prompts_to,
             zero3_params=self.zero3_params,
+            micro_seeds=seeds,
         )
         gen_seconds = time.perf_counter() - start
         texts = self.policy.decode(completion_ids)
@@ -185,20 +211,38 @@ class Trainer:
             completion_ids,
             rewards,
             reward_parts,
+            first_uid=first_uid,
         )
-        rewards = batch.rewards
+        local = {
+            "rewards": batch.rewards.cpu(),
+            "valid_len": batch.completion_mask.sum(dim=1).float().cpu(),
+            "parts": reward_parts,
+            "tokens": completion_ids.numel(),
+            "gen_seconds": gen_seconds,
+            "nfe": nfe,
+        }
+        shares = self._gather(local)
+        rewards = torch.cat([x["rewards"] for x in shares])
         grouped = rewards.view(-1, self.group)
         stats = {
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
             "frac_zero_std_groups": float((grouped.std(dim=1) < 1e-6).float().mean()),
             "rollout_seconds": time.perf_counter() - start,
-            "gen_tokens_per_s": completion_ids.numel() / max(gen_seconds, 1e-9),
-            "rollout_nfe": float(nfe),
-            "completion_valid_len": float(batch.completion_mask.sum(dim=1).float().mean()),
-            **{f"reward/{k}": float(v.mean()) for k, v in reward_parts.items()},
+            "gen_tokens_per_s": sum(x["tokens"] for x in shares) / max(max(x["gen_seconds"] for x in shares), 1e-9),
+            "rollout_nfe": float(max(x["nfe"] for x in shares)),
+            "completion_valid_len": float(torch.cat([x["valid_len"] for x in shares]).mean()),
+            **{f"reward/{k}": float(torch.cat([x["parts"][k] for x in shares]).mean()) for k in reward_parts},
         }
         return batch, stats
+
+    def _gather(self, value: Any) -> list[Any]:
+        """``value`` from every rank, in rank order (a one-element list for one process)."""
+        if self.world == 1:
+            return [value]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
 
     # ------------------------------------------------------------------ update
     def optimize(self, batch: RolloutBatch, inner_step: int) -> dict[str, float]:
@@ -244,7 +288,12 @@ class Trainer:
         if reason is None and ds_skipped:
             reason = "non-finite gradient norm"
         self.last_skip_reason = reason
+        # Every rank's micro-batches count alike: the logged loss and metrics are over the whole batch.
+        shares = self._gather((losses, sums, nonfinite_seqs, num_seqs))
+        losses = [v for share in shares for v in share[0]]
         parts = len(losses)
+        sums = {k: sum(share[1].get(k, 0.0) for share in shares) for k in shares[0][1]}
+        nonfinite_seqs, num_seqs = sum(share[2] for share in shares), sum(share[3] for share in shares)
         grad_norm = self.engine.get_global_grad_norm()
         return {
             "loss": sum(losses) / parts,
@@ -317,7 +366,7 @@ class Trainer:
         if limit <= 0 or len(self.skip_streak) < limit:
             return
         # Skipped steps change nothing, so the current weights are those of the last applied step.
-        path = self.save(LAST_GOOD, round_index)
+        path = self.save(LAST_GOOD, round_index + 1)
         causes = "; ".join(dict.fromkeys(self.skip_streak))
         raise NonFiniteError(
             f"{len(self.skip_streak)} optimizer steps in a row were skipped (train.max_skipped_steps={limit}), "
@@ -336,45 +385,117 @@ class Trainer:
             self._eval_examples(split),
             int(self.cfg["eval"]["batch_size"]),
             self.truncate_prompts_to,
+            shard=self.world > 1,
             zero3_params=self.zero3_params,
         )
         metrics["seconds"] = time.perf_counter() - start
         name = f"step_{step}.jsonl" if split == "test" else f"{split}_step_{step}.jsonl"
-        evaluation.write_jsonl(self.run_dir / "eval" / name, records)
+        if self.rank == 0:
+            evaluation.write_jsonl(self.run_dir / "eval" / name, records)
         self.tracker.log(step, {f"{EVAL_PREFIX[split]}/{k}": v for k, v in metrics.items()})
         return metrics
 
     # ------------------------------------------------------------------ checkpoint
-    def client_state(self, round_index: int) -> dict[str, Any]:
+    def client_state(self, next_round: int, next_inner: int) -> dict[str, Any]:
+        """Run-wide state for DeepSpeed's client_state: where to continue and what was measured."""
         return {
             "global_step": self.global_step,
-            "round": round_index,
+            # the first step after this checkpoint is inner step ``next_inner`` of round ``next_round``
+            "next_round": next_round,
+            "next_inner": next_inner,
             "prompt_stream": self.stream.state_dict(),
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-            },
+            "skip_streak": list(self.skip_streak),
+            "best": self.best,
+            "evals": self.evals,
+            "base": self.base,
+            "rl_seconds": self.rl_seconds + time.perf_counter() - self._session_start,
             "wandb_id": self.tracker.wandb_id,
+            "world_size": self.world,
         }
 
-    def save(self, tag: str, round_index: int) -> Path:
+    def rank_state(self, buffer: tuple[RolloutBatch, dict[str, float]] | None) -> dict[str, Any]:
+        """This rank's RNG states and, inside a round, its rollout buffer (batch, extras, stats)."""
+        np_state = np.random.get_state()
+        state: dict[str, Any] = {
+            "rng": {
+                "python": random.getstate(),
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            "objective": self.objective.state_dict(),
+        }
+        if buffer is not None:
+            batch, stats = buffer
+            state["buffer"] = {
+                "batch": {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)},
+                "stats": stats,
+            }
+        return state
+
+    def save(self, tag: str, next_round: int, next_inner: int = 0, buffer: Any = None) -> Path:
+        if next_inner == 0:
+            buffer = None  # a round boundary: the next round draws fresh rollouts
         return checkpoint.save(
             self.engine,
             self.policy,
             self.run_dir / "checkpoints",
             tag,
-            self.client_state(round_index),
+            self.client_state(next_round, next_inner),
             int(self.cfg["checkpoint"]["keep_last"]),
+            rank_state=self.rank_state(buffer),
         )
 
+    def restore(self, path: Path) -> tuple[int, int, tuple[RolloutBatch, dict[str, float]] | None]:
+        """Load checkpoint ``path`` (collective) -> (round, inner step to continue at, rollout buffer)."""
+        frozen_base = any(not p.requires_grad for p in self.policy.model.parameters())
+        loaded, state = self.engine.load_checkpoint(
+            str(path.parent),
+            tag=path.name,
+            load_module_strict=not frozen_base,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if loaded is None or state is None:
+            raise DllmRlError(f"checkpoint {path}: DeepSpeed found no checkpoint to load there")
+        if "next_round" not in state:
+            raise DllmRlError(f"checkpoint {path} was written by an older dllm_rl and holds no resume position")
+        if int(state.get("world_size", self.world)) != self.world:
+            raise DllmRlError(
+                f"checkpoint {path} was written by {state['world_size']} processes; resume it with the same "
+                f"number (cluster.nodes*cluster.nproc), not {self.world}"
+            )
+        self.global_step = int(state["global_step"])
+        self.stream.load_state_dict(state["prompt_stream"])
+        self.skip_streak = list(state["skip_streak"])
+        self.best, self.evals, self.base = state["best"], list(state["evals"]), state["base"]
+        self.rl_seconds = float(state["rl_seconds"])
+        mine = checkpoint.load_rank_state(path)
+        buffer = None
+        if mine is not None:
+            rng = mine["rng"]
+            random.setstate(_tuples(rng["python"]))
+            name, keys, *rest = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            self.objective.load_state_dict(mine.get("objective", {}))
+            if "buffer" in mine:
+                buffer = (RolloutBatch(**mine["buffer"]["batch"]), mine["buffer"]["stats"])
+        next_round, next_inner = int(state["next_round"]), int(state["next_inner"])
+        if next_inner and buffer is None:
+            raise DllmRlError(f"checkpoint {path} stops inside rollout round {next_round} but holds no rollout buffer")
+        log.info("resumed from %s at step %d (round %d, inner step %d)", path, self.global_step, next_round, next_inner)
+        return next_round, next_inner, buffer
+
     # ------------------------------------------------------------------ loop
-    def evaluate_all(self, step: int, evals: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    def evaluate_all(self, step: int) -> dict[str, dict[str, float]]:
         """Every split of eval.splits at this step; the validation metric picks checkpoints/best."""
         results = {}
         for split in self.cfg["eval"]["splits"]:
             results[split] = self.evaluate(split, step)
-            evals.append({"step": step, "split": split, **results[split]})
+            self.evals.append({"step": step, "split": split, **results[split]})
             log.info("%s at step %d: %s", split, step, _fmt(results[split]))
         if "validation" in results:
             value = results["validation"][self.task.primary_metric]
@@ -396,17 +517,31 @@ class Trainer:
         ckpt_every = int(self.cfg["checkpoint"]["every_n_steps"])
         log_every = max(1, int(self.cfg["log_every"]))
         primary = self.task.primary_metric
-        start = time.perf_counter()
-        self.best: dict[str, Any] | None = None
-        evals: list[dict[str, Any]] = []
-        base = self.evaluate_all(0, evals).get("test") if self.cfg["eval"]["before_train"] else None
+        self._session_start = time.perf_counter()
+        first_round, first_inner, buffer = 0, 0, None
+        if self.resume_from is not None:
+            first_round, first_inner, buffer = self.restore(self.resume_from)
+        elif self.cfg["eval"]["before_train"]:
+            self.base = self.evaluate_all(0).get("test")
 
-        bar = tqdm(total=steps, desc="RL", unit="step", dynamic_ncols=True, leave=True)
+        bar = tqdm(
+            total=steps,
+            initial=self.global_step,
+            desc="RL",
+            unit="step",
+            dynamic_ncols=True,
+            leave=True,
+            disable=self.rank != 0,
+        )
         rounds = steps // self.mu
-        for round_index in range(rounds):
-            batch, rollout_stats = self.rollout(round_index)
-            self.objective.prepare(batch, self.policy)
-            for k in range(self.mu):
+        for round_index in range(first_round, rounds):
+            if buffer is not None:  # resumed inside this round: its rollouts and prepare() outputs
+                batch, rollout_stats = buffer
+                buffer = None
+            else:
+                batch, rollout_stats = self.rollout(round_index)
+                self.objective.prepare(batch, self.policy)
+            for k in range(first_inner if round_index == first_round else 0, self.mu):
                 record = self.train_step(batch, k, rollout_stats)
                 bar.update(1)
                 bar.set_postfix(
@@ -431,28 +566,47 @@ class Trainer:
                         ),
                     )
                 if eval_every and self.global_step % eval_every == 0 and self.global_step < steps:
-                    self.evaluate_all(self.global_step, evals)
+                    self.evaluate_all(self.global_step)
+                # Where the next step starts: the next inner step of this round, or the next round.
+                position = (round_index, k + 1) if k + 1 < self.mu else (round_index + 1, 0)
+                saved = None
                 if ckpt_every and self.global_step % ckpt_every == 0 and self.global_step < steps:
-                    self.save(f"step_{self.global_step}", round_index)
+                    saved = self.save(f"step_{self.global_step}", *position, buffer=(batch, rollout_stats))
+                signum = self.stop_requests.requested(self.policy.device)
+                if signum and self.global_step < steps:
+                    saved = saved or self.save(f"step_{self.global_step}", *position, buffer=(batch, rollout_stats))
+                    bar.close()
+                    self.tracker.flush()
+                    self.stop_requests.stop(
+                        signum,
+                        f"signal {signum} at step {self.global_step} of {steps}: checkpoint {saved}; the same run "
+                        f"directory resumes from it (python -m dllm_rl.worker {self.run_dir / 'config.yaml'})",
+                    )
         bar.close()
 
-        results = self.evaluate_all(self.global_step, evals)
+        results = self.evaluate_all(self.global_step)
         final = results.get("test", results.get("validation"))
         ckpt = self.save("final", rounds)
-        wall = time.perf_counter() - start
+        wall = self.rl_seconds + time.perf_counter() - self._session_start
         return {
             "primary_metric": primary,
-            "base": base,
+            "base": self.base,
             "final": final,
             "final_split": "test" if "test" in results else "validation",
             "best": self.best,
-            "evals": evals,
+            "evals": self.evals,
             "dropped_prompts": self.dropped_prompts,
             "steps": self.global_step,
             "rl_wall_seconds": wall,
+            "resumed_from": str(self.resume_from) if self.resume_from else None,
             "checkpoint": str(ckpt),
             "model_export": str(ckpt / "hf"),
         }
+
+
+def _tuples(value: Any) -> Any:
+    """Lists back to tuples (random.setstate wants the nested tuples getstate gave)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def _fmt(metrics: dict[str, Any], keys: tuple[str, ...] | None = None) -> str:

@@ -171,8 +171,102 @@ def build_training(cfg: dict[str, Any], policy: Any, device: torch.device) -> tu
     return sampler, objective, engine
 
 
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _device(cfg: dict[str, Any]) -> torch.device:
+    """cpu, or cuda:<local rank> (each process of a node drives its own GPU)."""
+    if cfg["cluster"]["device"] != "cuda":
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
+def _rank_logging(run_dir: Path, rank: int) -> logging.Handler:
+    """Every rank logs to run_dir/logs/rank<R>.log; only rank 0 reaches the console (and Hydra's log)."""
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / f"rank{rank}.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    logger = logging.getLogger("dllm_rl")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    if rank != 0:
+        logger.propagate = False
+    elif not logging.getLogger().handlers:  # a spawned worker: nothing configured the console
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("[%(asctime)s][%(name)s] %(message)s"))
+        logger.addHandler(console)
+    return handler
+
+
+def _write_status(run_dir: Path, status: dict[str, Any]) -> None:
+    from dllm_rl.checkpoint import write_text_atomic
+
+    write_text_atomic(run_dir / "status.json", json.dumps(status))
+
+
+def resume_point(cfg: dict[str, Any], run_dir: Path) -> Path | None:
+    """The checkpoint this run continues from (checkpoint.resume_mode), decided on rank 0 for all ranks."""
+    import torch.distributed as dist
+
+    from dllm_rl import checkpoint
+
+    ccfg = cfg["checkpoint"]
+    mode = ccfg.get("resume_mode", "auto")
+    path: Path | None = None
+    if mode == "path":
+        path = Path(os.path.expanduser(str(ccfg["resume_path"]))).absolute()
+        why = checkpoint.problem(path)
+        if why is not None:
+            raise DllmRlError(f"checkpoint.resume_path={ccfg['resume_path']}: cannot resume from it: {why}")
+    elif mode == "auto":
+        choice: list[Any] = [None]
+        if _rank_world()[0] == 0:
+            found, warnings = checkpoint.resumable(run_dir / "checkpoints")
+            for w in warnings:
+                log.warning("%s; trying an older one", w)
+            if warnings and found is None:
+                log.warning("no complete checkpoint in %s: starting from step 0", run_dir / "checkpoints")
+            choice = [None if found is None else str(found)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(choice, src=0)
+        path = None if choice[0] is None else Path(choice[0])
+    return path
+
+
+def finished_summary(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
+    """The summary of this run directory's finished run (resume_mode=auto): nothing left to train."""
+    if cfg["checkpoint"].get("resume_mode", "auto") != "auto":
+        return None
+    try:
+        done = json.loads((run_dir / "status.json").read_text()).get("status") == "done"
+        return json.loads((run_dir / "summary.json").read_text()) if done else None
+    except (OSError, ValueError):
+        return None
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Train one run described by the resolved config; returns (and writes) the summary."""
+    """Train one run described by the resolved config; returns (and rank 0 writes) the summary.
+
+    Collective: with several processes every rank calls it (torch.distributed comes from the
+    environment: elastic launch, torchrun or SLURM). A run directory that holds checkpoints continues
+    from the newest complete one (checkpoint.resume_mode=auto).
+    """
+    from dllm_rl.config import world_size
+    from dllm_rl.launcher import Preempted
+    from dllm_rl.preemption import StopRequests
     from dllm_rl.tasks import get_task
     from dllm_rl.tracking import Tracker
     from dllm_rl.trainer import Trainer
@@ -183,26 +277,69 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["cluster"]["threads"]:
         torch.set_num_threads(int(cfg["cluster"]["threads"]))
     init_distributed(cfg["cluster"]["backend"])
-
-    task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
-    policy, base_info = build_policy(cfg, task)
-    sampler, objective, engine = build_training(cfg, policy, torch.device(cfg["cluster"]["device"]))
-    tracker = Tracker(run_dir, cfg)
-    status = {"status": "running", "started": time.time()}
-    (run_dir / "status.json").write_text(json.dumps(status))
+    rank, world = _rank_world()
+    handler = _rank_logging(run_dir, rank)
+    main = rank == 0
+    stop = StopRequests().install()
+    tracker = None
+    status: dict[str, Any] = {"status": "starting", "started": time.time(), "world_size": world}
     try:
-        result = Trainer(cfg, policy, engine, task, sampler, objective, tracker, run_dir).fit()
+        if world != world_size(cfg["cluster"]):
+            raise DllmRlError(
+                f"{world} processes joined, but the config asks for cluster.nodes*cluster.nproc="
+                f"{world_size(cfg['cluster'])} (start as many as it says)"
+            )
+        done = finished_summary(cfg, run_dir)
+        if done is not None:
+            log.info("%s already finished (status.json: done); nothing to resume", run_dir)
+            return done
+        # Rank 0 generates the data and warm-starts the base into the cache; the others then read them.
+        if not main:
+            _barrier()
+        task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
+        policy, base_info = build_policy(cfg, task)
+        if main:
+            _barrier()
+        sampler, objective, engine = build_training(cfg, policy, _device(cfg))
+        resume = resume_point(cfg, run_dir)
+        if resume is not None:
+            from dllm_rl.checkpoint import manifest
+
+            info = manifest(resume)
+            tracker = Tracker(run_dir, cfg, main, resume_step=int(info["global_step"]), wandb_id=info.get("wandb_id"))
+        else:
+            tracker = Tracker(run_dir, cfg, main)
+        status = {**status, "status": "running", "resumed_from": None if resume is None else str(resume)}
+        if main:
+            _write_status(run_dir, status)
+        trainer = Trainer(cfg, policy, engine, task, sampler, objective, tracker, run_dir, resume, stop)
+        result = trainer.fit()
+    except (Preempted, SystemExit) as exc:
+        # SystemExit: submitit's handler requeued the job after the checkpoint and ends the process.
+        if main and stop.signum:
+            message = stop.message or str(exc)
+            _write_status(run_dir, {**status, "status": "preempted", "message": message, "signal": stop.signum})
+        elif main:
+            _write_status(run_dir, {**status, "status": "failed", "error": repr(exc), "message": str(exc)})
+        raise
     except BaseException as exc:
-        (run_dir / "status.json").write_text(json.dumps({**status, "status": "failed", "error": repr(exc)}))
+        if main:
+            failure = {"status": "failed", "error": repr(exc), "message": str(exc)}
+            _write_status(run_dir, {**status, **failure, "user_error": isinstance(exc, DllmRlError)})
         raise
     finally:
-        tracker.finish()
+        if tracker is not None:
+            tracker.finish()
+        stop.uninstall()
+        logging.getLogger("dllm_rl").removeHandler(handler)
+        handler.close()
     primary = result["primary_metric"]
     summary = {
         "run_dir": str(run_dir),
         "objective": cfg["objective"]["name"],
         "task": cfg["task"]["name"],
         "seed": cfg["seed"],
+        "world_size": world,
         "base_model": base_info,
         **result,
         "base_metric": result["base"][primary] if result["base"] else None,
@@ -212,14 +349,24 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "best_test_metric": (result["best"]["test"] or {}).get(primary) if result["best"] else None,
         "wall_seconds": time.perf_counter() - start,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (run_dir / "status.json").write_text(json.dumps({**status, "status": "done"}))
+    if main:
+        from dllm_rl.checkpoint import write_text_atomic
+
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+        _write_status(run_dir, {**status, "status": "done"})
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m dllm_rl.worker <run_dir>/config.yaml`: run a config the parent already resolved."""
+    """`python -m dllm_rl.worker <run_dir>/config.yaml`: run a config the parent already resolved.
+
+    Started by torchrun / the deepspeed launcher (RANK set) or srun (SLURM task), it is one rank of
+    the run; started alone with cluster.nproc > 1 it spawns the ranks itself. Run again on the same
+    file, it resumes from the run directory's newest complete checkpoint.
+    """
     import yaml
+
+    from dllm_rl.launcher import Preempted, exit_preempted, start
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -227,12 +374,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     try:
-        cfg = yaml.safe_load(Path(args[0]).read_text())
-        summary = run(cfg)
+        path = Path(args[0])
+        if not path.is_file():
+            raise DllmRlError(f"{path}: no such file (give the config.yaml python -m dllm_rl wrote in a run directory)")
+        cfg = yaml.safe_load(path.read_text())
+        if not isinstance(cfg, dict) or "run_dir" not in cfg:
+            raise DllmRlError(f"{path}: not a resolved dllm_rl run config (it has no run_dir key)")
+        summary = start(cfg)
     except DllmRlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({k: summary[k] for k in ("base_metric", "final_metric", "run_dir")}))
+    except Preempted as exc:
+        exit_preempted(exc)
+    if summary is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: summary[k] for k in ("base_metric", "final_metric", "run_dir")}))
     return 0
 
 

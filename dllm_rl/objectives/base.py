@@ -89,6 +89,14 @@ class Objective(abc.ABC):
     def prepare(self, batch: RolloutBatch, policy: Any) -> None:  # noqa: B027  (optional hook)
         """Precompute per-round quantities into batch.extras (nothing by default)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the objective itself keeps between steps (tensors and plain values; none by default):
+        saved with each checkpoint so that a run resumed inside a round continues exactly."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027  (optional hook)
+        """Restore what ``state_dict`` returned."""
+
     @abc.abstractmethod
     def loss(self, batch: RolloutBatch, policy: Any, inner_step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
 

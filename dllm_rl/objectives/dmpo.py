@@ -22,6 +22,7 @@ effective sample size 1/(G·Σ w⁺²) hits ``ess_target``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -125,6 +126,13 @@ class DMPOObjective(Objective):
             "ell_mean": float(ell.mean()),
             "coeff": float(out["coeff"].mean()),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        # The round's weight diagnostics, logged with every inner step of the round.
+        return {"round_stats": dict(getattr(self, "round_stats", {}))}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.round_stats = dict(state.get("round_stats", {}))
 
     def loss(self, batch: RolloutBatch, policy: Any, inner_step: int) -> tuple[torch.Tensor, dict[str, float]]:
         copies = int(self.cfg["mc_samples"])

@@ -21,6 +21,7 @@ per-token ELBO between the first and the last inner step is logged to show what 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -36,6 +37,13 @@ class SPGObjective(Objective):
 
     def prepare(self, batch: RolloutBatch, policy: Any) -> None:
         self._first_elbo: dict[int, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        # inner step 1's ELBOs of this round, for the drift metric at step mu
+        return {"first_elbo": dict(getattr(self, "_first_elbo", {}))}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._first_elbo = {int(k): float(v) for k, v in state.get("first_elbo", {}).items()}
 
     def loss(self, batch: RolloutBatch, policy: Any, inner_step: int) -> tuple[torch.Tensor, dict[str, float]]:
         masks = self.draw_masks(batch, inner_step, int(self.cfg["mc_samples"]))

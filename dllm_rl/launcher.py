@@ -1,0 +1,148 @@
+"""Where the training processes of one run come from (engineering.md §1.6).
+
+The Hydra process composes, validates and resolves the config once; ``start`` then runs the plain dict:
+
+- inside a SLURM task started by hydra-submitit-launcher (cluster=slurm), or by ``srun`` from an
+  sbatch script: the torch.distributed variables come from SLURM through submitit, and this process
+  is one rank of the job (nothing is spawned: srun already started one task per GPU);
+- under torchrun or the deepspeed launcher (RANK is set): this process is that rank;
+- cluster.launcher=local: one process runs the worker itself; with cluster.nproc > 1 it starts the
+  workers with torch's elastic launch API (spawned, c10d rendezvous on a free local port);
+- cluster.launcher=external: nothing runs; the command that would start the workers is returned.
+
+Workers never parse argv or call Hydra; they receive the resolved dict.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from dllm_rl.config import world_size
+from dllm_rl.errors import ConfigError, DllmRlError
+
+log = logging.getLogger("dllm_rl")
+
+
+def in_slurm_task() -> bool:
+    """This process is a task of a SLURM job step (srun / submitit), not the batch script itself."""
+    return "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ
+
+
+def in_submitit_task() -> bool:
+    """This process runs a function submitted through submitit (hydra-submitit-launcher)."""
+    return "SUBMITIT_FOLDER" in os.environ or "SUBMITIT_EXECUTOR" in os.environ
+
+
+def externally_launched() -> bool:
+    """torchrun / deepspeed launcher / srun started this process as one rank of the run."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ or in_slurm_task()
+
+
+def global_rank() -> int:
+    """This process's rank before torch.distributed exists (0 for a single process)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def export_slurm_environment(cfg: dict[str, Any]) -> None:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT of this SLURM task (submitit's helper)."""
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        return  # already exported (e.g. a torchrun inside an allocation)
+    # submitit's own jobs say which environment they run in; a plain srun of the worker does not.
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
+    # Each GPU task keeps all of the node's GPUs visible and picks cuda:<local rank> (worker.run).
+    env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    expected = world_size(cfg["cluster"])
+    if env.world_size != expected:
+        raise ConfigError(
+            f"cluster.nodes*cluster.nproc={expected} but this SLURM job has {env.world_size} tasks "
+            "(submit with --ntasks-per-node=cluster.nproc and --nodes=cluster.nodes)"
+        )
+
+
+def worker_command(config_path: Path, nproc: int) -> str:
+    """The command that starts the run's workers by hand (cluster.launcher=external)."""
+    path = shlex.quote(str(config_path))
+    if nproc == 1:
+        return f"python -m dllm_rl.worker {path}"
+    return f"torchrun --standalone --nproc_per_node {nproc} -m dllm_rl.worker {path}"
+
+
+def start(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Run the resolved config here, or in the processes it asks for; rank 0's summary (None elsewhere)."""
+    from dllm_rl.worker import finished_summary, run
+
+    launcher = cfg["cluster"]["launcher"]
+    done = finished_summary(cfg, Path(cfg["run_dir"]))
+    if done is not None:  # a finished run directory (resume_mode=auto): nothing to start
+        log.info("%s already finished (status.json: done); nothing to resume", cfg["run_dir"])
+        return done
+    if externally_launched():
+        if in_slurm_task():
+            export_slurm_environment(cfg)
+        return run(cfg)
+    if launcher == "slurm":
+        raise ConfigError(
+            "cluster.launcher=slurm outside a SLURM task: submit with cluster=slurm (Hydra's submitit "
+            "launcher) or srun the worker from an sbatch script (launch/sbatch_example.sh)"
+        )
+    nproc = int(cfg["cluster"]["nproc"])
+    if nproc == 1:
+        return run(cfg)
+    return _elastic(cfg, nproc)
+
+
+def _elastic(cfg: dict[str, Any], nproc: int) -> dict[str, Any]:
+    """nproc spawned workers on this machine; a worker's user-facing error comes back as one line."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    import dllm_rl.worker as worker
+    from dllm_rl.worker import local_launch_config
+
+    try:
+        # worker.run by its module path, so that the spawned interpreters can import it.
+        results = elastic_launch(local_launch_config(nproc), entrypoint=worker.run)(cfg)
+    except (ChildFailedError, SignalException) as exc:
+        # A signal to this process reaches the workers too (the elastic agent forwards it); they
+        # checkpoint and stop, and their status file says so.
+        status = _read_status(Path(cfg["run_dir"]))
+        if status.get("user_error"):
+            raise DllmRlError(status["message"]) from None
+        if status.get("status") == "preempted":
+            raise Preempted(status["message"], int(status.get("signal", 15))) from None
+        raise RuntimeError(f"a training process failed: {status.get('error') or exc}") from exc
+    return results[0]
+
+
+def _read_status(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class Preempted(Exception):
+    """The run stopped on a stop signal (SIGTERM, SIGUSR1, SIGUSR2) after writing a checkpoint it will resume from."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def exit_preempted(exc: Preempted) -> None:
+    """The process's end after a preemption checkpoint: one line and the signal's exit status."""
+    log.warning("%s", exc)
+    print(f"stopped: {exc}", file=sys.stderr)
+    sys.exit(128 + exc.signum)

@@ -1,0 +1,252 @@
+"""Several processes and interrupted runs, through the real entry points (Hydra, torch elastic launch,
+DeepSpeed over gloo, torchrun, real signals):
+
+- 2 processes at ZeRO stages 2 and 3 take the same RL steps as 1 process with the same global batch;
+- a run stopped by SIGTERM midway and resumed ends with the parameters and metrics of an
+  uninterrupted run; so does a run killed outright after a checkpoint inside a rollout round;
+- a damaged newest checkpoint is detected and the previous one resumed from, with a warning;
+- cluster.launcher=external prints the torchrun command, and torchrun runs the written config.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_e2e import REPO, child_env, run_cli
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "rollout.prompts_per_step=4",
+    "rollout.samples_per_prompt=4",
+    "rollout.micro_batch=8",
+    "eval.num_examples=16",
+    "warmstart.steps=10",
+    "task.train_size=500",
+    "task.validation_size=16",
+    "task.test_size=16",
+    "cluster.threads=1",
+    "logging=none",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("scale") / "cache"
+
+
+def cli(cache: Path, run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = run_cli(*SMALL, f"cache_dir={cache}", f"hydra.run.dir={run_dir}", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def steps(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]
+
+
+def evals(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "eval/cell_acc" in r or "val/cell_acc" in r]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / "final" / "hf" / "model.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0.0, atol=atol, msg=name)
+
+
+# Two optimizer steps with gradient accumulation: 16 completions per step, 4 per micro-batch, so
+# GAS 4 on one process and GAS 2 on each of two. Rollouts are split by prompt groups.
+TWO_STEPS = ["objective.inner_iterations=1", "train.steps=2", "train.micro_batch_per_gpu=4", "eval.every_n_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def one_process(cache, tmp_path_factory) -> Path:
+    """The reference: one process, ZeRO-2 (with one process every stage computes the same update)."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    cli(cache, run_dir, *TWO_STEPS, "deepspeed=zero2")
+    return run_dir
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_two_processes_take_the_same_steps_as_one(cache, tmp_path, one_process, stage):
+    two = cli(cache, tmp_path / "two", *TWO_STEPS, f"deepspeed={stage}", "cluster.nproc=2")
+    one_steps, two_steps = steps(one_process), steps(tmp_path / "two")
+    assert [r["step"] for r in two_steps] == [1, 2]
+    for a, b in zip(one_steps, two_steps, strict=True):
+        # The same rollouts (same rewards), the same loss and gradient norm over the global batch.
+        assert b["reward_mean"] == a["reward_mean"] and b["reward_std"] == a["reward_std"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-9)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    assert_same_weights(weights(one_process), weights(tmp_path / "two"), atol=1e-6)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["final_metric"] == json.loads((one_process / "summary.json").read_text())["final_metric"]
+    # Both ranks logged to their own file; only rank 0 wrote the run's outputs.
+    assert (tmp_path / "two" / "logs" / "rank1.log").stat().st_size > 0
+    assert "spg on sudoku" in two.stdout
+
+
+RESUME = [
+    # two optimizer steps per rollout round, so a stop can fall inside a round
+    "objective.inner_iterations=2",
+    "train.steps=8",
+    "train.micro_batch_per_gpu=8",
+    "eval.every_n_steps=4",
+    "objective.loss_forward_dropout=true",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cache, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    cli(cache, run_dir, *RESUME)
+    return run_dir
+
+
+def start(cache: Path, run_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dllm_rl", *SMALL, *RESUME, f"cache_dir={cache}", f"hydra.run.dir={run_dir}", *args],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and any(r["step"] >= step for r in steps(run_dir)):
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"step {step} never logged")
+
+
+def run_ok(*command: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def resume(run_dir: Path) -> subprocess.CompletedProcess:
+    """The documented way back: the worker entry on the run's own resolved config."""
+    return run_ok(sys.executable, "-m", "dllm_rl.worker", str(run_dir / "config.yaml"))
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    assert_same_weights(weights(run_dir), weights(reference))
+    assert steps(run_dir) and [
+        {k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in steps(run_dir)
+    ] == [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in steps(reference)]
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rs]  # noqa: E731
+    assert strip(evals(run_dir)) == strip(evals(reference))
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference))
+    for key in ("final_metric", "base_metric", "best_step", "best_test_metric", "steps"):
+        assert a[key] == b[key], key
+
+
+def test_sigterm_midway_then_resume_equals_an_uninterrupted_run(cache, tmp_path, uninterrupted):
+    run_dir = tmp_path / "stopped"
+    proc = start(cache, run_dir)
+    wait_for_step(proc, run_dir, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    # It finished the step it was in, checkpointed, and said how to continue.
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "preempted"
+    stopped_at = max(r["step"] for r in steps(run_dir))
+    assert 3 <= stopped_at < 8
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{stopped_at}"
+    assert "dllm_rl.worker" in stderr and str(run_dir / "config.yaml") in stderr
+    assert not (run_dir / "summary.json").exists()
+
+    resume(run_dir)
+    assert json.loads((run_dir / "status.json").read_text())["resumed_from"].endswith(latest)
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_kill_then_resume_skips_a_damaged_checkpoint_and_continues_inside_a_round(cache, tmp_path, uninterrupted):
+    # Checkpoints every 3 steps: step_3 falls inside a rollout round (2 steps each) and must carry the
+    # round's rollouts and prepare() outputs; step_6 is then damaged, so the resumed run has to detect
+    # it and go back to step_3. SIGKILL leaves no chance to save anything more.
+    run_dir = tmp_path / "killed"
+    proc = start(cache, run_dir, "checkpoint.every_n_steps=3", "checkpoint.keep_last=5")
+    wait_for_step(proc, run_dir, 7)
+    proc.kill()
+    proc.communicate()
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_6"
+    assert (ckpt / "step_3" / "rank0_state.pt").is_file()
+    # A truncated shard in the newest checkpoint, and a half-written one that never got renamed.
+    shard = next((ckpt / "step_6").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    shutil.copytree(ckpt / "step_6", ckpt / ".staging-step_9")
+
+    resume(run_dir)
+    assert json.loads((run_dir / "status.json").read_text())["resumed_from"].endswith("step_3")
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert f"checkpoint {ckpt / 'step_6'} cannot be resumed from" in log and "optim_states.pt has 100 bytes" in log
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_external_launcher_prints_the_torchrun_command_that_runs_it(cache, tmp_path):
+    run_dir = tmp_path / "external"
+    args = ["objective.inner_iterations=1", "train.steps=1", "train.micro_batch_per_gpu=8", "eval.every_n_steps=0"]
+    proc = cli(cache, run_dir, *args, "cluster.launcher=external", "cluster.nproc=2")
+    command = proc.stdout.strip().splitlines()[-1]
+    assert command == f"torchrun --standalone --nproc_per_node 2 -m dllm_rl.worker {run_dir / 'config.yaml'}"
+    assert not (run_dir / "metrics.jsonl").exists()  # nothing trained yet
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run_ok(str(torchrun), *command.split()[1:])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 1
+    # Run again, a finished run directory is not trained again: the summary comes back as it was.
+    before = (run_dir / "metrics.jsonl").read_text()
+    again = resume(run_dir)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["final_metric"] == summary["final_metric"]
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_bad_process_layout_is_one_clear_error():
+    from hydra import compose, initialize_config_module
+
+    from dllm_rl.config import validate
+    from dllm_rl.errors import ConfigError
+
+    with initialize_config_module(config_module="dllm_rl.conf", version_base="1.3"):
+        for overrides, message in (
+            (["cluster.nodes=2"], "cluster.nodes=2 needs cluster=slurm"),
+            (
+                ["cluster.nproc=3"],
+                "rollout.prompts_per_step=16 must be divisible by the number of processes (cluster.nproc=3",
+            ),
+            (["cluster.nproc=2"], "must be divisible by processes*train.micro_batch_per_gpu=2*128 (cluster.nproc=2)"),
+            (["cluster.launcher=mpi"], "cluster.launcher='mpi' must be one of local, slurm, external"),
+            (["checkpoint.resume_mode=path"], "checkpoint.resume_mode=path needs an existing checkpoint directory"),
+        ):
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                validate(compose("config", overrides))
