@@ -5,7 +5,8 @@ DeepSpeed over gloo, torchrun, real signals):
 - a run stopped by SIGTERM midway and resumed ends with the parameters and metrics of an
   uninterrupted run; so does a run killed outright after a checkpoint inside a rollout round;
 - a damaged newest checkpoint is detected and the previous one resumed from, with a warning;
-- cluster.launcher=external prints the torchrun command, and torchrun runs the written config.
+- cluster.launcher=external prints the torchrun command, and torchrun runs the written config;
+  a finished run directory is not trained again.
 """
 
 from __future__ import annotations
@@ -85,23 +86,40 @@ def one_process(cache, tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_two_processes_take_the_same_steps_as_one(cache, tmp_path, one_process, stage):
-    two = cli(cache, tmp_path / "two", *TWO_STEPS, f"deepspeed={stage}", "cluster.nproc=2")
-    one_steps, two_steps = steps(one_process), steps(tmp_path / "two")
+@pytest.mark.parametrize("stage, launch", [("zero2", "torchrun"), ("zero3", "elastic")])
+def test_two_processes_take_the_same_steps_as_one(cache, tmp_path, one_process, stage, launch):
+    """2 processes started by torchrun from the command cluster.launcher=external prints (ZeRO-2), or
+    by the Hydra process itself through torch elastic launch (ZeRO-3)."""
+    run_dir = tmp_path / "two"
+    args = [*TWO_STEPS, f"deepspeed={stage}", "cluster.nproc=2"]
+    if launch == "torchrun":
+        printed = cli(cache, run_dir, *args, "cluster.launcher=external").stdout.strip().splitlines()[-1]
+        assert printed == f"torchrun --standalone --nproc_per_node 2 -m dllm_rl.worker {run_dir / 'config.yaml'}"
+        assert not (run_dir / "metrics.jsonl").exists()  # nothing trained yet
+        out = run_ok(str(Path(sys.executable).with_name("torchrun")), *printed.split()[1:]).stdout
+    else:
+        out = cli(cache, run_dir, *args).stdout
+    one_steps, two_steps = steps(one_process), steps(run_dir)
     assert [r["step"] for r in two_steps] == [1, 2]
     for a, b in zip(one_steps, two_steps, strict=True):
         # The same rollouts (same rewards), the same loss and gradient norm over the global batch.
         assert b["reward_mean"] == a["reward_mean"] and b["reward_std"] == a["reward_std"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-9)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
-    assert_same_weights(weights(one_process), weights(tmp_path / "two"), atol=1e-6)
-    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert_same_weights(weights(one_process), weights(run_dir), atol=1e-6)
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["final_metric"] == json.loads((one_process / "summary.json").read_text())["final_metric"]
-    # Both ranks logged to their own file; only rank 0 wrote the run's outputs.
-    assert (tmp_path / "two" / "logs" / "rank1.log").stat().st_size > 0
-    assert "spg on sudoku" in two.stdout
+    # Both ranks logged to their own file; only rank 0 printed the result.
+    assert (run_dir / "logs" / "rank1.log").stat().st_size > 0
+    printed_lines = [line for line in out.splitlines() if line.startswith(("{", "spg on sudoku"))]
+    assert len(printed_lines) == 1, out
+    if launch == "torchrun":
+        # Run again, a finished run directory is not trained again: the summary comes back as it was.
+        before = (run_dir / "metrics.jsonl").read_text()
+        again = resume(run_dir)
+        assert json.loads(again.stdout.strip().splitlines()[-1])["final_metric"] == summary["final_metric"]
+        assert (run_dir / "metrics.jsonl").read_text() == before
 
 
 RESUME = [
@@ -211,24 +229,6 @@ def test_kill_then_resume_skips_a_damaged_checkpoint_and_continues_inside_a_roun
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert f"checkpoint {ckpt / 'step_6'} cannot be resumed from" in log and "optim_states.pt has 100 bytes" in log
     assert_same_run(run_dir, uninterrupted)
-
-
-def test_external_launcher_prints_the_torchrun_command_that_runs_it(cache, tmp_path):
-    run_dir = tmp_path / "external"
-    args = ["objective.inner_iterations=1", "train.steps=1", "train.micro_batch_per_gpu=8", "eval.every_n_steps=0"]
-    proc = cli(cache, run_dir, *args, "cluster.launcher=external", "cluster.nproc=2")
-    command = proc.stdout.strip().splitlines()[-1]
-    assert command == f"torchrun --standalone --nproc_per_node 2 -m dllm_rl.worker {run_dir / 'config.yaml'}"
-    assert not (run_dir / "metrics.jsonl").exists()  # nothing trained yet
-    torchrun = Path(sys.executable).with_name("torchrun")
-    run_ok(str(torchrun), *command.split()[1:])
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 1
-    # Run again, a finished run directory is not trained again: the summary comes back as it was.
-    before = (run_dir / "metrics.jsonl").read_text()
-    again = resume(run_dir)
-    assert json.loads(again.stdout.strip().splitlines()[-1])["final_metric"] == summary["final_metric"]
-    assert (run_dir / "metrics.jsonl").read_text() == before
 
 
 def test_bad_process_layout_is_one_clear_error():
