@@ -34,11 +34,6 @@ def in_slurm_task() -> bool:
     return "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ
 
 
-def in_submitit_task() -> bool:
-    """This process runs a function submitted through submitit (hydra-submitit-launcher)."""
-    return "SUBMITIT_FOLDER" in os.environ or "SUBMITIT_EXECUTOR" in os.environ
-
-
 def externally_launched() -> bool:
     """torchrun / deepspeed launcher / srun started this process as one rank of the run."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ or in_slurm_task()
