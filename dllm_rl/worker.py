@@ -289,10 +289,6 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 f"{world} processes joined, but the config asks for cluster.nodes*cluster.nproc="
                 f"{world_size(cfg['cluster'])} (start as many as it says)"
             )
-        done = finished_summary(cfg, run_dir)
-        if done is not None:
-            log.info("%s already finished (status.json: done); nothing to resume", run_dir)
-            return done
         # Rank 0 generates the data and warm-starts the base into the cache; the others then read them.
         if not main:
             _barrier()
