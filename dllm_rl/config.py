@@ -375,6 +375,14 @@ class Math500TaskCfg(HubTaskCfg):
 class Remasking(Enum):
     low_confidence = "low_confidence"
     random = "random"
+    entropy = "entropy"
+    margin = "margin"
+
+
+class SamplerCache(Enum):
+    none = "none"
+    prefix = "prefix"
+    dual = "dual"
 
 
 class NoiseDtype(Enum):
@@ -391,6 +399,9 @@ class SamplerCfg:
     temperature: float = 1.0
     remasking: Remasking = Remasking.low_confidence
     noise_dtype: NoiseDtype = NoiseDtype.float64
+    cache: SamplerCache = SamplerCache.none
+    threshold: float | None = None
+    max_tokens_per_step: int | None = None
 
 
 @dataclass
@@ -600,6 +611,10 @@ def validate(cfg: Any) -> None:
             "every step must commit at least one token",
         )
     need(s["temperature"] >= 0, f"sampler.temperature={s['temperature']} must be >= 0")
+    if s.get("threshold") is not None:
+        need(0 < s["threshold"] <= 1, f"sampler.threshold={s['threshold']} must be in (0, 1] (null: fixed schedule)")
+    if s.get("max_tokens_per_step") is not None:
+        need(s["max_tokens_per_step"] >= 1, f"sampler.max_tokens_per_step={s['max_tokens_per_step']} must be >= 1")
 
     group, q = r["samples_per_prompt"], r["prompts_per_step"]
     need(group >= 2, f"rollout.samples_per_prompt={group} must be >= 2 (advantages are group-relative)")

@@ -43,6 +43,7 @@ def generate(
     max_prompt_tokens: int | None = None,
     zero3_params: str = "lockstep",
     micro_seeds: Sequence[int] | None = None,
+    stats: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(prompt ids, attention, completion ids, forward passes) for a list of prompts.
 
@@ -52,12 +53,15 @@ def generate(
     ``max_prompt_tokens`` left-truncates the rendered prompts (None: as they are). ``zero3_params``
     (rollout.zero3_params) is how a ZeRO-3 engine's sharded parameters are used for the whole call
     (dllm_rl/zero3.py): under ZeRO-3 every rank must call this, with the same number of prompts, so that
-    the micro-batches below give every rank the same number of sampler calls.
+    the micro-batches below give every rank the same number of sampler calls. ``stats``, when given, is
+    filled with the sampler's decoding statistics over all micro-batches: ``forward_tokens`` (positions
+    run through the model per row, summed), ``tokens_per_step_mean`` / ``_max`` and ``steps_per_block``.
     """
     prompt_ids, attention = policy.encode_prompts(
         list(prompts), chat=chat, prefill=prefill, max_tokens=max_prompt_tokens
     )
     outputs, nfe = [], 0
+    parts: list[tuple[int, Any]] = []
     with zero3.rollout_params(policy, zero3_params), policy.scoring():
         for j, lo in enumerate(range(0, len(prompts), micro_batch)):
             if micro_seeds is not None:
@@ -75,6 +79,17 @@ def generate(
             )
             outputs.append(out.completion_ids)
             nfe += out.nfe
+            parts.append((int(rows.shape[0]), out))
+    if stats is not None and parts:
+        rows_total = sum(n for n, _ in parts)
+        stats["forward_tokens"] = float(sum(n * out.forward_tokens for n, out in parts))
+        for key in ("tokens_per_step_mean", "steps_per_block"):
+            values = [(n, out.stats[key]) for n, out in parts if key in out.stats]
+            if values:
+                stats[key] = sum(n * v for n, v in values) / max(rows_total, 1)
+        maxima = [out.stats["tokens_per_step_max"] for _, out in parts if "tokens_per_step_max" in out.stats]
+        if maxima:
+            stats["tokens_per_step_max"] = max(maxima)
     return prompt_ids, attention, torch.cat(outputs), nfe
 
 

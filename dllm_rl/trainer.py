@@ -133,6 +133,7 @@ class Trainer:
         self.resume_from = resume_from
         self.stop_requests = stop_requests or StopRequests()
         self.sampler, self.objective, self.tracker, self.run_dir = sampler, objective, tracker, run_dir
+        self.sampler_adaptive = getattr(sampler, "threshold", None) is not None
         self.seed = int(cfg["seed"])
         self.group = int(cfg["rollout"]["samples_per_prompt"])
         self.prompts_per_step = int(cfg["rollout"]["prompts_per_step"])
@@ -184,6 +185,7 @@ class Trainer:
         first_uid = self.rank * share * self.group
         micro = int(self.cfg["rollout"]["micro_batch"])
         seeds = [mask_seed(self.seed, "rollout", round_index, first_uid + lo) for lo in range(0, len(examples), micro)]
+        decoding: dict[str, float] = {}
         prompt_ids, attention, completion_ids, nfe = evaluation.generate(
             self.policy,
             self.sampler,
@@ -195,6 +197,7 @@ class Trainer:
             max_prompt_tokens=self.truncate_prompts_to,
             zero3_params=self.zero3_params,
             micro_seeds=seeds,
+            stats=decoding,
         )
         gen_seconds = time.perf_counter() - start
         texts = self.policy.decode(completion_ids)
@@ -220,6 +223,7 @@ class Trainer:
             "tokens": completion_ids.numel(),
             "gen_seconds": gen_seconds,
             "nfe": nfe,
+            "decoding": decoding,
         }
         shares = self._gather(local)
         rewards = torch.cat([x["rewards"] for x in shares])
@@ -234,6 +238,11 @@ class Trainer:
             "completion_valid_len": float(torch.cat([x["valid_len"] for x in shares]).mean()),
             **{f"reward/{k}": float(torch.cat([x["parts"][k] for x in shares]).mean()) for k in reward_parts},
         }
+        if self.sampler_adaptive:
+            # Threshold decoding in rollouts: how many tokens each step commits (samplers.md §4).
+            for key in ("tokens_per_step_mean", "steps_per_block"):
+                stats[f"rollout_{key}"] = float(np.mean([x["decoding"].get(key, math.nan) for x in shares]))
+            stats["rollout_tokens_per_step_max"] = max(x["decoding"].get("tokens_per_step_max", 0.0) for x in shares)
         return batch, stats
 
     def _gather(self, value: Any) -> list[Any]:

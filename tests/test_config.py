@@ -66,6 +66,8 @@ def test_enum_value_is_checked():
         (["objective.mask.t_min=0.9", "objective.mask.t_max=0.5"], ["objective.mask.t_min"]),
         (["rollout.samples_per_prompt=1"], ["rollout.samples_per_prompt"]),
         (["sampler.temperature=-1"], ["sampler.temperature"]),
+        (["sampler=threshold", "sampler.threshold=1.5"], ["sampler.threshold"]),
+        (["sampler.threshold=0.9", "sampler.max_tokens_per_step=0"], ["sampler.max_tokens_per_step"]),
         (["objective.omega=1.5"], ["objective.omega"]),
         (["objective.beta=0"], ["objective.beta"]),
         (["objective/mask=coupled", "objective.mc_samples=3"], ["objective.mask.coupled"]),

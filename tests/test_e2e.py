@@ -264,9 +264,16 @@ def test_every_objective_trains_the_tiny_model_without_non_finite_steps(objectiv
     run_dir = root / f"obj-{objective}"
     # Two rollout rounds of the objective's own inner iterations, with every default knob of its preset.
     mu = {"spg": 4, "elbo": 4}.get(objective, 8)
+    # The fast samplers ride along: DMPO's rollouts use the prefix cache (its preset, samplers.md §3.5),
+    # GDSD's threshold decoding with the dual cache and a per-step cap.
+    samplers = {
+        "dmpo": ["sampler.cache=prefix"],
+        "gdsd": ["sampler=threshold", "sampler.cache=dual", "sampler.max_tokens_per_step=3"],
+    }.get(objective, [])
     proc = run_cli(
         *[a for a in FAST if not a.startswith(("objective.", "train.steps", "eval.every", "checkpoint.every"))],
         f"objective={objective}",
+        *samplers,
         f"train.steps={2 * mu}",
         "eval.every_n_steps=0",
         f"cache_dir={root / 'cache'}",
@@ -282,3 +289,8 @@ def test_every_objective_trains_the_tiny_model_without_non_finite_steps(objectiv
         assert r["skipped"] == 0 and r["nonfinite_seq_frac"] == 0.0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["objective"] == objective and summary["steps"] == 2 * mu
+    if objective == "gdsd":  # adaptive decoding logs how much each step committed, within the cap
+        firsts = [r for r in steps if r["inner_step"] == 0]
+        assert all(1 <= r["rollout_tokens_per_step_mean"] <= r["rollout_tokens_per_step_max"] <= 3 for r in firsts)
+    else:
+        assert "rollout_tokens_per_step_mean" not in steps[0]

@@ -124,7 +124,7 @@ def test_constructor_validation():
     with pytest.raises(ValueError, match="multiple of the number of blocks"):
         LowConfidenceSampler(gen_length=8, block_length=4, steps=3)
     with pytest.raises(ValueError, match="remasking"):
-        LowConfidenceSampler(gen_length=8, block_length=4, steps=4, remasking="entropy")
+        LowConfidenceSampler(gen_length=8, block_length=4, steps=4, remasking="confident")
     LowConfidenceSampler(gen_length=8, block_length=4, steps=2)  # one step per block is fine
     LowConfidenceSampler(gen_length=8, block_length=8, steps=3)  # one block: any step count
 

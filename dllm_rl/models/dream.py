@@ -120,6 +120,7 @@ class DreamBaseModel(nn.Module):
         inputs_embeds: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
+        kv_cache: Any = None,
     ) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -128,11 +129,12 @@ class DreamBaseModel(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(batch, seq_len, x.device)
         position_embeddings = self.rotary_emb(x, position_ids)
-        mask = bidirectional_attention_mask(self.config, x, attention_mask)
+        mask = bidirectional_attention_mask(self.config, x, attention_mask, kv_cache)
         for layer in self.layers:
             # position_ids are deliberately not passed on: the rotary tables already hold them, and the flash
-            # kernel would read non-monotonic (left-padded) positions as packed sequences.
-            x = layer(x, attention_mask=mask, position_embeddings=position_embeddings)
+            # kernel would read non-monotonic (left-padded) positions as packed sequences. The Qwen2 attention
+            # calls cache.update(k, v, layer_idx), which is what a WindowKVCache answers.
+            x = layer(x, attention_mask=mask, position_embeddings=position_embeddings, cache=kv_cache)
         return self.norm(x)
 
 
@@ -197,6 +199,7 @@ class DreamModel(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        kv_cache: Any = None,
         **kwargs: Any,
     ) -> MaskedLMOutput:
         """Raw logits [B, T, V]: position i-1 predicts token i (``align_logits`` re-indexes them).
@@ -204,9 +207,11 @@ class DreamModel(PreTrainedModel):
         attention_mask: [B, T], 1 = real token, 0 = padding (padding keys are never attended to).
         position_ids: [B, T]; with left padding pass positions counted over real tokens
         (``dllm_rl.models.positions.position_ids_from_attention_mask``); default 0..T-1.
+        kv_cache: a WindowKVCache (dllm_rl/models/kv_cache.py): a full forward fills it; with its window set,
+        input_ids and position_ids are the window's and attention_mask still covers the whole sequence.
         Extra kwargs (from PEFT or HF wrappers: return_dict, use_cache, labels, ...) are accepted and ignored.
         """
-        hidden = self.model(input_ids, inputs_embeds, attention_mask, position_ids)
+        hidden = self.model(input_ids, inputs_embeds, attention_mask, position_ids, kv_cache)
         return MaskedLMOutput(logits=self.lm_head(hidden))
 
 

@@ -67,6 +67,7 @@ class Family:
     specials: Specials
     chat_template: str | None
     align_logits: Callable[[torch.Tensor], torch.Tensor]
+    shift: int  # 1 where the raw output at i - 1 predicts token i (what align_logits undoes), else 0
     random_config: Callable[[Mapping[str, Any], Any], Any]  # (model cfg, tokenizer) -> PretrainedConfig
 
     def lora_target_regex(self, targets: Sequence[str]) -> str:
@@ -171,6 +172,7 @@ FAMILIES: dict[str, Family] = {
         specials=Specials(),
         chat_template=None,
         align_logits=_identity,
+        shift=0,
         random_config=_tiny_config,
     ),
     "llada": Family(
@@ -198,6 +200,7 @@ FAMILIES: dict[str, Family] = {
         ),
         chat_template=LLADA_CHAT_TEMPLATE,
         align_logits=_identity,
+        shift=0,
         random_config=_llada_config,
     ),
     "dream": Family(
@@ -217,6 +220,7 @@ FAMILIES: dict[str, Family] = {
         ),
         chat_template=None,
         align_logits=_dream_align,
+        shift=1,
         random_config=_dream_config,
     ),
 }

@@ -224,7 +224,7 @@ class LLaDARotaryEmbedding(Float32InvFreq, LlamaRotaryEmbedding):
 
 
 def bidirectional_attention_mask(
-    config: PretrainedConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None
+    config: PretrainedConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, kv_cache: Any = None
 ) -> torch.Tensor | None:
     """The attention mask for ``config._attn_implementation`` from a [B, T] padding mask (1 = real token).
 
@@ -233,11 +233,22 @@ def bidirectional_attention_mask(
     ``is_causal=False``. A row with no real token would softmax over nothing (NaN in some SDPA backends,
     leaking into gradients via 0 * NaN), so such rows attend everywhere instead: their outputs are
     meaningless but finite, and callers ignore them. A 4D mask is passed through unchanged.
+
+    Under a windowed ``kv_cache`` forward (dllm_rl/models/kv_cache.py) the queries are the window's
+    positions and the keys are every position: the padding mask covers the keys, and a stand-in of the
+    keys' length tells transformers the key count (it reads only the shape of ``encoder_hidden_states``).
     """
     if attention_mask is not None and attention_mask.dim() == 2:
         keep = attention_mask.to(device=inputs_embeds.device).bool()
         attention_mask = keep | ~keep.any(dim=-1, keepdim=True)
-    return create_bidirectional_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    keys = None
+    if kv_cache is not None and kv_cache.window is not None:
+        if attention_mask is None:
+            raise ValueError("a windowed kv_cache forward needs the attention mask of the whole sequence")
+        keys = inputs_embeds.new_zeros(()).expand(attention_mask.shape[0], attention_mask.shape[-1], 1)
+    return create_bidirectional_mask(
+        config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, encoder_hidden_states=keys
+    )
 
 
 def default_position_ids(batch_size: int, seq_len: int, device: torch.device) -> torch.Tensor:
@@ -284,6 +295,7 @@ class LLaDALlamaBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: Any = None,
     ) -> torch.Tensor:
         batch, seq_len, _ = hidden_states.shape
         normed = self.attn_norm(hidden_states)
@@ -296,6 +308,8 @@ class LLaDALlamaBlock(GradientCheckpointingLayer):
         # and rounded back once, as the official code does.
         q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
         q, k = q_rot.to(v.dtype), k_rot.to(v.dtype)
+        if kv_cache is not None:  # a WindowKVCache: the other positions' keys/values come from it
+            k, v = kv_cache.update(k, v, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         attn, _ = attention(
             self,
@@ -340,6 +354,7 @@ class LLaDAModel(nn.Module):
         inputs_embeds: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
+        kv_cache: Any = None,
     ) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -351,9 +366,9 @@ class LLaDAModel(nn.Module):
         # dtype the tables should have (float32 for rope_full_precision) avoids copying the activations.
         table_dtype = torch.float32 if self.config.rope_full_precision else x.dtype
         position_embeddings = self.rotary_emb(x.new_empty(0, dtype=table_dtype), position_ids)
-        mask = bidirectional_attention_mask(self.config, x, attention_mask)
+        mask = bidirectional_attention_mask(self.config, x, attention_mask, kv_cache)
         for block in self.transformer["blocks"]:
-            x = block(x, mask, position_embeddings)
+            x = block(x, mask, position_embeddings, kv_cache)
         return self.transformer["ff_out"](self.transformer["ln_f"](x))
 
 
@@ -415,6 +430,7 @@ class LLaDAModelLM(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        kv_cache: Any = None,
         **kwargs: Any,
     ) -> MaskedLMOutput:
         """Logits [B, T, embedding_size]; position i predicts the clean token at position i.
@@ -422,9 +438,11 @@ class LLaDAModelLM(PreTrainedModel):
         attention_mask: [B, T], 1 = real token, 0 = padding (padding keys are never attended to).
         position_ids: [B, T]; with left padding pass positions counted over real tokens
         (``dllm_rl.models.positions.position_ids_from_attention_mask``); default 0..T-1.
+        kv_cache: a WindowKVCache (dllm_rl/models/kv_cache.py): a full forward fills it; with its window set,
+        input_ids and position_ids are the window's and attention_mask still covers the whole sequence.
         Extra kwargs (from PEFT or HF wrappers: return_dict, use_cache, labels, ...) are accepted and ignored.
         """
-        logits = self.model(input_ids, inputs_embeds, attention_mask, position_ids)
+        logits = self.model(input_ids, inputs_embeds, attention_mask, position_ids, kv_cache)
         return MaskedLMOutput(logits=logits)
 
 

@@ -23,6 +23,8 @@ from dllm_rl.errors import ConfigError
 from dllm_rl.models import loading
 from dllm_rl.models.char_tokenizer import build_char_tokenizer
 from dllm_rl.models.families import Family, family_of_model_type, get_family
+from dllm_rl.models.kv_cache import WindowKVCache, windowed_logits
+from dllm_rl.models.positions import position_ids_from_attention_mask
 
 
 class Policy:
@@ -45,11 +47,30 @@ class Policy:
         self._reference_adapter_off = False
 
     def logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: WindowKVCache | None = None,
+        window: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """[B, T, V] logits, position i predicting token i (the family's alignment applied once, here)."""
-        out = self.forward_module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        return self.family.align_logits(out.logits)
+        """[B, T, V] logits, position i predicting token i (the family's alignment applied once, here).
+
+        With a ``kv_cache`` (dllm_rl/models/kv_cache.py) and no ``window`` the full forward also fills the
+        cache; with ``window=(start, end)`` only those positions of ``input_ids`` are run against the cached
+        keys/values of the others, and the result is their [B, end - start, V] logits.
+        """
+        if kv_cache is None:
+            out = self.forward_module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+            return self.family.align_logits(out.logits)
+        if position_ids is None:
+            position_ids = position_ids_from_attention_mask(attention_mask)
+
+        def forward(ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, cache: WindowKVCache) -> torch.Tensor:
+            return self.forward_module(input_ids=ids, attention_mask=attn, position_ids=pos, kv_cache=cache).logits
+
+        logits = windowed_logits(forward, input_ids, attention_mask, position_ids, kv_cache, window, self.family.shift)
+        return self.family.align_logits(logits) if window is None else logits
 
     @contextlib.contextmanager
     def scoring(self) -> Iterator[None]:

@@ -19,6 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 
 from dllm_rl.models.auto import register_architecture
+from dllm_rl.models.kv_cache import WindowKVCache, key_padding_mask
 from dllm_rl.models.positions import position_ids_from_attention_mask  # noqa: F401  (re-exported)
 
 MODEL_TYPE = "dllm_rl_tiny"
@@ -113,7 +114,13 @@ class TinyMDLMAttention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        kv_cache: WindowKVCache | None = None,
+        layer_idx: int = 0,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -121,6 +128,8 @@ class TinyMDLMAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if kv_cache is not None:  # keys/values of the other positions come from the cache
+            k, v = kv_cache.update(k, v, layer_idx)
         # is_causal=False is the whole point of a diffusion LM: every position sees both directions.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -140,17 +149,23 @@ class TinyMDLMMLP(nn.Module):
 class TinyMDLMBlock(GradientCheckpointingLayer):
     # GradientCheckpointingLayer wraps forward in torch.utils.checkpoint when the model has
     # checkpointing enabled and is training; hidden states must then be passed positionally.
-    def __init__(self, config: TinyMDLMConfig):
+    def __init__(self, config: TinyMDLMConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.attn_norm = TinyMDLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = TinyMDLMAttention(config)
         self.mlp_norm = TinyMDLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = TinyMDLMMLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        kv_cache: WindowKVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.attn_norm(x), cos, sin, attn_mask)
+        x = x + self.self_attn(self.attn_norm(x), cos, sin, attn_mask, kv_cache, self.layer_idx)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -158,12 +173,16 @@ class TinyMDLMBackbone(nn.Module):
     def __init__(self, config: TinyMDLMConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([TinyMDLMBlock(config) for _ in range(config.num_layers)])
+        self.layers = nn.ModuleList([TinyMDLMBlock(config, i) for i in range(config.num_layers)])
         self.norm = TinyMDLMRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = TinyMDLMRotary(config.hidden_size // config.num_heads, config.rope_theta)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        kv_cache: WindowKVCache | None = None,
     ) -> torch.Tensor:
         B, T = input_ids.shape
         if position_ids is None:
@@ -171,17 +190,13 @@ class TinyMDLMBackbone(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, x.dtype)
 
-        attn_mask = None
-        if attention_mask is not None:
-            keep = attention_mask.bool()
-            # A row with no real key softmaxes over nothing: some SDPA backends/torch versions return NaN
-            # there (which leaks into gradients via 0 * NaN). Let all-padding rows attend everywhere
-            # instead; their outputs are garbage but finite and callers ignore them.
-            keep = keep | ~keep.any(dim=-1, keepdim=True)
-            attn_mask = keep[:, None, None, :]  # [B, 1, 1, T]: mask keys only, broadcast over heads/queries
-
+        # [B, 1, 1, K]: keys only, broadcast over heads and queries. The mask covers every key, which under
+        # a windowed cache forward is more positions than the T being run. A row with no real key would
+        # softmax over nothing (NaN in some SDPA backends, leaking into gradients via 0 * NaN), so such rows
+        # attend everywhere instead; their outputs are garbage but finite and callers ignore them.
+        attn_mask = key_padding_mask(attention_mask)
         for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask)
+            x = layer(x, cos, sin, attn_mask, kv_cache)
         return self.norm(x)
 
 
@@ -230,15 +245,18 @@ class TinyMDLM(PreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        kv_cache: WindowKVCache | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
         """Logits [B, T, V]; position i predicts the clean token at position i.
 
         attention_mask: [B, T], 1 = real token, 0 = padding (padding keys are never attended to).
         position_ids: [B, T]; with left padding pass `position_ids_from_attention_mask(attention_mask)`.
+        kv_cache: a WindowKVCache (dllm_rl/models/kv_cache.py): a full forward fills it; with its window set,
+        input_ids and position_ids are the window's and attention_mask still covers the whole sequence.
         Extra kwargs (e.g. from PEFT or HF wrappers) are accepted and ignored.
         """
-        hidden = self.model(input_ids, attention_mask, position_ids)
+        hidden = self.model(input_ids, attention_mask, position_ids, kv_cache)
         return MaskedLMOutput(logits=self.lm_head(hidden))
 
 

@@ -1,26 +1,54 @@
-"""LLaDA's semi-autoregressive sampler with low-confidence (or random) remasking.
+"""LLaDA's semi-autoregressive sampler, with Fast-dLLM's KV caches and threshold parallel decoding.
 
 x starts as prompt ⊕ M^L. The completion is split into L/B blocks decoded left to right, each in
 s = T/(L/B) steps. At step j of a block every masked position gets a proposal
 x̂ = argmax(z/τ + g), g ~ Gumbel(0, 1) (a sample from softmax(z/τ); plain argmax at τ = 0), and the
 n_j proposals with the highest confidence are committed, where n_j spreads the block's masked count
-evenly over its steps (the linear schedule α_t = 1 − t). Confidence is the untempered probability
-softmax(z)[x̂] (`low_confidence`) or uniform noise (`random`). Committed tokens are never re-masked,
-and positions outside the current block are never committed. The mask token itself is never
-proposed.
+evenly over its steps (the linear schedule α_t = 1 − t). Committed tokens are never re-masked,
+positions outside the current block are never committed, and the mask token is never proposed.
+
+Confidence (``remasking``), all under the untempered distribution p = softmax(z), as LLaDA does:
+  low_confidence  p[x̂]                       (LLaDA)
+  random          u ~ U(0, 1)                 (random order at the same per-step counts)
+  entropy         −H(p)                       (Dream's ``entropy`` order)
+  margin          p_top1 − p_top2             (Dream's ``topk_margin`` order)
+
+Speed-ups (samplers.md §3), independent of each other:
+  cache: prefix   a full forward at each block start fills a key/value cache; the block's other steps
+                  run only the positions from the block start to the end against the cached prefix
+  cache: dual     the same, but only the current block is run (the suffix's keys/values cached too)
+  threshold: τ    confidence-aware parallel decoding: every masked position of the block whose p[x̂] ≥ τ
+                  is committed, and at least the most confident one (at most max_tokens_per_step), so
+                  the number of steps per block is adaptive, between 1 and B
+
+Caches are an approximation (the cached keys/values would change as the block is decoded; they are
+refreshed once per block). With ``cache: none`` and no threshold the sampler is the reference: one
+full forward over prompt + completion per step. Under torch.distributed, an adaptive (threshold)
+sampler all-reduces "any position of this block still masked" after every step, so every rank runs
+the same number of forwards (ZeRO-3 gathers parameters collectively in each forward; §5).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
+from dllm_rl.models.kv_cache import WindowKVCache
 from dllm_rl.models.positions import position_ids_from_attention_mask
 from dllm_rl.samplers.registry import register_sampler
 
-LogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+log = logging.getLogger(__name__)
+
+# logits_fn(input_ids, attention_mask, position_ids) -> [B, T, V]; cached samplers also pass
+# kv_cache= and window= (the signature of Policy.logits).
+LogitsFn = Callable[..., torch.Tensor]
+
+REMASKING = ("low_confidence", "random", "entropy", "margin")
+CACHES = ("none", "prefix", "dual")
 
 
 def commit_counts(masked_in_block: torch.Tensor, steps: int) -> torch.Tensor:
@@ -35,6 +63,14 @@ def commit_counts(masked_in_block: torch.Tensor, steps: int) -> torch.Tensor:
 class GenerationOutput:
     completion_ids: torch.Tensor  # [B, L]
     nfe: int  # forward passes of the model
+    forward_tokens: int = 0  # positions run through the model, summed over forwards (per row)
+    # Adaptive decoding: committed tokens per (row, step) while the row had masked positions, and the
+    # number of steps per block (mean over blocks).
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def _rank_sync() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @register_sampler("low_confidence")
@@ -49,21 +85,58 @@ class LowConfidenceSampler:
         temperature: float = 1.0,
         remasking: str = "low_confidence",
         noise_dtype: str = "float64",
+        cache: str = "none",
+        threshold: float | None = None,
+        max_tokens_per_step: int | None = None,
         **_: object,
     ) -> None:
+        remasking, cache = getattr(remasking, "value", remasking), getattr(cache, "value", cache)
         if gen_length % block_length != 0:
             raise ValueError(f"gen_length={gen_length} is not a multiple of block_length={block_length}")
         blocks = gen_length // block_length
         if steps % blocks != 0:
             raise ValueError(f"steps={steps} is not a multiple of the number of blocks ({blocks})")
-        if remasking not in ("low_confidence", "random"):
-            raise ValueError(f"remasking={remasking!r} must be 'low_confidence' or 'random'")
+        if remasking not in REMASKING:
+            raise ValueError(f"remasking={remasking!r} must be one of {', '.join(REMASKING)}")
+        if cache not in CACHES:
+            raise ValueError(f"cache={cache!r} must be one of {', '.join(CACHES)}")
+        if threshold is not None and not 0.0 < float(threshold) <= 1.0:
+            raise ValueError(f"threshold={threshold} must be in (0, 1] (or null for the fixed schedule)")
+        if max_tokens_per_step is not None and int(max_tokens_per_step) < 1:
+            raise ValueError(f"max_tokens_per_step={max_tokens_per_step} must be >= 1 (or null)")
         self.gen_length = gen_length
         self.block_length = block_length
         self.steps = steps
         self.temperature = float(temperature)
         self.remasking = remasking
-        self.noise_dtype = getattr(torch, noise_dtype)
+        self.noise_dtype = getattr(torch, getattr(noise_dtype, "value", noise_dtype))
+        self.cache = cache
+        self.threshold = None if threshold is None else float(threshold)
+        self.max_tokens_per_step = None if max_tokens_per_step is None else int(max_tokens_per_step)
+
+    @property
+    def fixed_tokens_per_step(self) -> float:
+        """Tokens per step of the fixed schedule, B / s (what adaptive decoding is compared with)."""
+        return self.block_length / (self.steps // (self.gen_length // self.block_length))
+
+    def _confidence(
+        self, logits: torch.Tensor, proposal: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ordering confidence, p[x̂]) of every proposal, both [B, block]."""
+        probs = torch.softmax(logits, dim=-1)
+        p_proposal = probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+        if self.remasking == "low_confidence":
+            return p_proposal, p_proposal
+        if self.remasking == "random":
+            u = torch.rand(proposal.shape, generator=generator, dtype=self.noise_dtype, device=proposal.device)
+            return u, p_proposal
+        if self.remasking == "entropy":
+            logp = torch.log_softmax(logits, dim=-1)
+            # 0 * log 0 := 0 (the suppressed mask token has p = 0 and logp = -inf)
+            plogp = torch.where(probs > 0, probs * logp, torch.zeros_like(probs))
+            return plogp.sum(dim=-1), p_proposal
+        top2 = probs.topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1], p_proposal
 
     @torch.no_grad()
     def generate(
@@ -77,8 +150,9 @@ class LowConfidenceSampler:
     ) -> GenerationOutput:
         """Decode gen_length tokens after each (left-padded) prompt.
 
-        logits_fn(input_ids, attention_mask, position_ids) -> [B, T, V]. ``temperature`` overrides
-        the configured one (evaluation passes 0 for greedy decoding).
+        logits_fn(input_ids, attention_mask, position_ids) -> [B, T, V]; with a cache it is also called
+        with ``kv_cache=`` and ``window=`` (Policy.logits). ``temperature`` overrides the configured one
+        (evaluation passes 0 for greedy decoding).
         """
         tau = self.temperature if temperature is None else float(temperature)
         batch, prompt_len = prompt_ids.shape
@@ -87,15 +161,40 @@ class LowConfidenceSampler:
         x = torch.cat([prompt_ids, torch.full((batch, length), mask_id, dtype=prompt_ids.dtype, device=device)], 1)
         attn = torch.cat([attention_mask, torch.ones(batch, length, dtype=attention_mask.dtype, device=device)], 1)
         positions = position_ids_from_attention_mask(attn)
+        total = prompt_len + length
         steps_per_block = self.steps // (length // block)
-        nfe = 0
+        adaptive = self.threshold is not None
+        sync = adaptive and _rank_sync()
+        nfe = forward_tokens = 0
+        committed_sum = active_rows = committed_max = 0
         for b in range(length // block):
             lo, hi = prompt_len + b * block, prompt_len + (b + 1) * block
             counts = commit_counts(x[:, lo:hi] == mask_id, steps_per_block)
-            for j in range(steps_per_block):
+            cache = WindowKVCache() if self.cache != "none" else None
+            j = 0
+            while True:
+                masked = x[:, lo:hi] == mask_id
+                if adaptive:
+                    still = masked.any().to(torch.int32).reshape(1)
+                    if sync:  # every rank keeps stepping (committing nothing) until all ranks are done
+                        dist.all_reduce(still, op=dist.ReduceOp.MAX)
+                    if not bool(still.item()):
+                        break
+                elif j == steps_per_block:
+                    break
                 # Only the current block can be committed, so only its logits are needed.
-                logits = logits_fn(x, attn, positions)[:, lo:hi].to(self.noise_dtype)
+                if cache is None:
+                    logits = logits_fn(x, attn, positions)[:, lo:hi]
+                    forward_tokens += total
+                elif j == 0:  # block start: a full forward refreshes the cache
+                    logits = logits_fn(x, attn, positions, kv_cache=cache)[:, lo:hi]
+                    forward_tokens += total
+                else:
+                    end = total if self.cache == "prefix" else hi
+                    logits = logits_fn(x, attn, positions, kv_cache=cache, window=(lo, end))[:, :block]
+                    forward_tokens += end - lo
                 nfe += 1
+                logits = logits.to(self.noise_dtype)
                 # Committing the mask token would leave the position open and the output incomplete.
                 logits[..., mask_id] = -torch.inf
                 if tau > 0:
@@ -104,15 +203,42 @@ class LowConfidenceSampler:
                     proposal = torch.argmax(logits / tau + gumbel, dim=-1)
                 else:
                     proposal = torch.argmax(logits, dim=-1)
-                if self.remasking == "low_confidence":
-                    confidence = torch.softmax(logits, dim=-1).gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+                confidence, p_proposal = self._confidence(logits, proposal, generator)
+                if adaptive:
+                    # Above the threshold, plus the most confident position of every row that has any.
+                    best = torch.where(masked, confidence, torch.full_like(confidence, -torch.inf)).argmax(dim=1)
+                    chosen = masked & (p_proposal >= self.threshold)
+                    chosen[torch.arange(batch, device=device), best] |= masked.any(dim=1)
+                    quota = chosen.sum(dim=1, keepdim=True)
+                    if self.max_tokens_per_step is not None:
+                        quota = quota.clamp_max(self.max_tokens_per_step)
+                    keep = chosen
                 else:
-                    confidence = torch.rand(proposal.shape, generator=generator, dtype=self.noise_dtype, device=device)
-                masked = x[:, lo:hi] == mask_id
-                confidence = torch.where(masked, confidence, torch.full_like(confidence, -torch.inf))
+                    quota, keep = counts[:, j : j + 1], masked
+                confidence = torch.where(keep, confidence, torch.full_like(confidence, -torch.inf))
                 # Stable sort: equal confidences are committed left to right, so greedy runs are deterministic.
                 order = torch.sort(confidence, dim=1, descending=True, stable=True).indices
                 rank = torch.empty_like(order).scatter_(1, order, torch.arange(block, device=device).expand(batch, -1))
-                commit = (rank < counts[:, j : j + 1]) & masked
+                commit = (rank < quota) & keep
                 x[:, lo:hi] = torch.where(commit, proposal.to(x.dtype), x[:, lo:hi])
-        return GenerationOutput(completion_ids=x[:, prompt_len:], nfe=nfe)
+                per_row = commit.sum(dim=1)
+                rows = masked.any(dim=1)
+                committed_sum += int(per_row[rows].sum())
+                active_rows += int(rows.sum())
+                committed_max = max(committed_max, int(per_row.max()))
+                j += 1
+        blocks = length // block
+        stats = {
+            "tokens_per_step_mean": committed_sum / max(active_rows, 1),
+            "tokens_per_step_max": float(committed_max),
+            "steps_per_block": nfe / blocks,
+        }
+        if adaptive and stats["tokens_per_step_mean"] > 2 * self.fixed_tokens_per_step:
+            log.warning(
+                "threshold decoding committed %.1f tokens per step on average, over twice the fixed schedule's %.1f "
+                "(sampler.threshold=%g): an over-confident policy commits too much at once (samplers.md §4)",
+                stats["tokens_per_step_mean"],
+                self.fixed_tokens_per_step,
+                self.threshold,
+            )
+        return GenerationOutput(completion_ids=x[:, prompt_len:], nfe=nfe, forward_tokens=forward_tokens, stats=stats)
