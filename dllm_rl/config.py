@@ -73,6 +73,7 @@ class ModelCfg:
     dtype: str = "float32"
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the network's forward (nn.Module.compile, in place, dynamic shapes)
     quantization: Quantization = Quantization.none
     chat_template: ChatTemplate = ChatTemplate.family
     lora: LoraCfg = field(default_factory=LoraCfg)
@@ -404,6 +405,24 @@ class SamplerCfg:
     max_tokens_per_step: int | None = None
 
 
+class DreamAlg(Enum):
+    origin = "origin"
+    maskgit_plus = "maskgit_plus"
+    topk_margin = "topk_margin"
+    entropy = "entropy"
+
+
+@dataclass
+class DreamSamplerCfg(SamplerCfg):
+    """Dream's time-grid sampler (samplers.md §2); the cache/threshold fields do not apply to it."""
+
+    alg: DreamAlg = DreamAlg.entropy
+    alg_temp: float = 0.0
+    top_p: float | None = 0.95
+    top_k: int | None = None
+    eps: float = 1e-3
+
+
 @dataclass
 class ClusterCfg:
     name: str = MISSING
@@ -560,6 +579,7 @@ def register_configs() -> None:
         ("task", "base_gsm8k", GSM8KTaskCfg),
         ("task", "base_math500", Math500TaskCfg),
         ("sampler", "base_sampler", SamplerCfg),
+        ("sampler", "base_dream_sampler", DreamSamplerCfg),
         ("cluster", "base_cluster", ClusterCfg),
         ("deepspeed", "base_deepspeed", DeepSpeedCfg),
         ("logging", "base_logging", LoggingCfg),
@@ -611,6 +631,15 @@ def validate(cfg: Any) -> None:
             "every step must commit at least one token",
         )
     need(s["temperature"] >= 0, f"sampler.temperature={s['temperature']} must be >= 0")
+    if s["name"] == "dream":
+        need(
+            s.get("cache", "none") in ("none", SamplerCache.none) and s.get("threshold") is None,
+            "sampler.cache / sampler.threshold: the dream sampler runs without a cache or threshold "
+            "(use sampler=low_confidence with sampler.remasking=entropy for those)",
+        )
+        if s.get("top_p") is not None:
+            need(0 < s["top_p"] <= 1, f"sampler.top_p={s['top_p']} must be in (0, 1] (null: no nucleus filter)")
+        need(0 < s.get("eps", 1e-3) < 1, f"sampler.eps={s.get('eps')} must be in (0, 1)")
     if s.get("threshold") is not None:
         need(0 < s["threshold"] <= 1, f"sampler.threshold={s['threshold']} must be in (0, 1] (null: fixed schedule)")
     if s.get("max_tokens_per_step") is not None:

@@ -38,6 +38,7 @@ _MODEL_KEYS_NOT_IN_BASE = {
     "adapter",
     "requires_path",
     "gradient_checkpointing",
+    "compile",
     "attn_implementation",
     "quantization",
     "lora",

@@ -168,7 +168,46 @@ def build_training(cfg: dict[str, Any], policy: Any, device: torch.device) -> tu
         config=deepspeed_config(cfg),
     )
     policy.forward_module = engine
+    if cfg["model"].get("compile"):
+        compile_network(policy.model, device)
     return sampler, objective, engine
+
+
+def compile_network(model: torch.nn.Module, device: torch.device, backend: Any = "inductor") -> None:
+    """torch.compile ``model``'s forward in place (nn.Module.compile): the DeepSpeed engine and a PEFT
+    wrapper keep calling the same module object, now through the compiled graph. Dynamic shapes, since
+    rollout, scoring and training forwards all have their own batch and sequence sizes.
+
+    The backend (inductor) builds its kernels at the first forward, deep inside the first rollout; what
+    it needs is checked here so that a machine without it fails at once with one clear line."""
+    why = _compile_unsupported(device) if backend == "inductor" else None
+    if why:
+        raise DllmRlError(f"model.compile=true: torch.compile cannot run on {device.type} here: {why}")
+    model.compile(backend=backend, dynamic=True)
+    log.info("model.compile: the network's forward is compiled by torch.compile at its first call")
+
+
+def _compile_unsupported(device: torch.device) -> str | None:
+    """Why inductor cannot build kernels for ``device`` on this machine, or None."""
+    try:
+        if device.type == "cuda":
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "inductor needs triton for CUDA kernels (pip install triton), or set model.compile=false"
+        else:
+            from torch._inductor import cpp_builder
+
+            try:
+                cpp_builder.get_cpp_compiler()
+            except Exception as exc:  # InvalidCxxCompiler and what the search may raise
+                return (
+                    f"inductor needs a C++ compiler for CPU kernels ({type(exc).__name__}: {exc}); "
+                    "install g++ (or point $CXX at one), or set model.compile=false"
+                )
+    except ImportError:  # private helpers moved in this torch version: let torch.compile report itself
+        return None
+    return None
 
 
 def _rank_world() -> tuple[int, int]:

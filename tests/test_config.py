@@ -67,6 +67,8 @@ def test_enum_value_is_checked():
         (["rollout.samples_per_prompt=1"], ["rollout.samples_per_prompt"]),
         (["sampler.temperature=-1"], ["sampler.temperature"]),
         (["sampler=threshold", "sampler.threshold=1.5"], ["sampler.threshold"]),
+        (["sampler=entropy", "sampler.cache=prefix"], ["sampler.cache"]),
+        (["sampler=entropy", "sampler.top_p=0"], ["sampler.top_p"]),
         (["sampler.threshold=0.9", "sampler.max_tokens_per_step=0"], ["sampler.max_tokens_per_step"]),
         (["objective.omega=1.5"], ["objective.omega"]),
         (["objective.beta=0"], ["objective.beta"]),
@@ -157,3 +159,14 @@ def test_objectives_sweep_gives_every_objective_the_same_budget():
     assert cfg.train.steps == 320 and cfg.eval.every_n_steps == 0
     for name in ("spg", "elbo", "dmpo", "gdsd", "diffu_grpo", "wd1"):
         validate(_compose("+sweep=objectives", f"objective={name}"))
+
+
+@pytest.mark.parametrize("sampler", ["low_confidence", "threshold", "entropy"])
+def test_every_sampler_composes_validates_and_builds(sampler):
+    from dllm_rl.samplers import get_sampler
+
+    cfg = _compose(f"sampler={sampler}", "model=tiny_dream")
+    validate(cfg)
+    built = get_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
+    assert built.gen_length == cfg.sampler.gen_length
+    assert getattr(built, "threshold", None) == (0.9 if sampler == "threshold" else None)

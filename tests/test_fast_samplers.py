@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from dllm_rl.models.kv_cache import WindowKVCache
 from dllm_rl.models.policy import Policy, build_tiny
 from dllm_rl.models.positions import position_ids_from_attention_mask
+from dllm_rl.samplers.dream import DreamSampler, filter_logits, reveal_counts
 from dllm_rl.samplers.low_confidence import LowConfidenceSampler
 
 ALPHABET = "0123456789abcdef"
@@ -58,15 +59,19 @@ def other_token(policy: Policy) -> int:
 # ------------------------------------------------------------------ the reference, written out plainly
 
 
-def reference_greedy(policy: Policy, prompt: list[int], gen: int, block: int, steps: int, remasking: str) -> list[int]:
-    """Greedy LLaDA decoding of one unpadded prompt, one position at a time, straight from samplers.md §1."""
+def reference_greedy(
+    policy: Policy, prompt: list[int], gen: int, block: int, steps: int, remasking: str, counts: list[int] | None = None
+) -> list[int]:
+    """Greedy LLaDA decoding of one unpadded prompt, one position at a time, straight from samplers.md §1
+    (``counts``: the tokens revealed per step of a block, LLaDA's even split by default)."""
     mask = policy.mask_id
     x = list(prompt) + [mask] * gen
     per_block = steps // (gen // block)
-    for b in range(gen // block):
-        lo = len(prompt) + b * block
+    if counts is None:
         k = block  # every position of the block is masked when it starts
         counts = [k // per_block + (1 if j < k % per_block else 0) for j in range(per_block)]
+    for b in range(gen // block):
+        lo = len(prompt) + b * block
         for j in range(per_block):
             ids = torch.tensor([x])
             with torch.no_grad():
@@ -105,6 +110,48 @@ def test_plain_greedy_equals_step_by_step_reference(family, remasking):
         prompt = ids[row][attn[row].bool()].tolist()
         expected = reference_greedy(policy, prompt, 8, 4, 6, remasking)
         assert out.completion_ids[row].tolist() == expected, row
+
+
+# ------------------------------------------------------------------ Dream's sampler (samplers.md §2)
+
+
+def test_dream_time_grid_reveal_counts():
+    # t = linspace(1, 0.001, 5): ⌊8·(1 − .75025)⌋ = 1, ⌊7·(1 − .5005/.75025)⌋ = 2, ⌊5·0.499⌋ = 2, the rest 3.
+    assert reveal_counts(8, 4, 1e-3) == [1, 2, 2, 3]
+    assert all(sum(reveal_counts(n, s, 1e-3)) == n for n in range(1, 20) for s in range(1, n + 1))
+
+
+def test_top_p_and_top_k_filters():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    kept = lambda out: torch.isfinite(out).tolist()  # noqa: E731
+    assert kept(filter_logits(logits, 0.8, None)) == [True, True, False, False]
+    assert kept(filter_logits(logits, 0.85, None)) == [True, True, True, False]
+    assert kept(filter_logits(logits, 0.1, None)) == [True, False, False, False]  # the top token always stays
+    assert kept(filter_logits(logits, None, 1)) == [True, False, False, False]
+    assert kept(filter_logits(logits, 1.0, None)) == [True] * 4
+
+
+@pytest.mark.parametrize("alg,remasking", [("entropy", "entropy"), ("maskgit_plus", "low_confidence")])
+def test_dream_greedy_equals_step_by_step_reference(alg, remasking):
+    policy = tiny_policy("dream")
+    ids, attn = left_padded_prompts(policy, [4, 6])
+    sampler = DreamSampler(gen_length=8, block_length=8, steps=4, temperature=0.0, alg=alg, top_p=None)
+    out = sampler.generate(policy.logits, ids, attn, policy.mask_id)
+    assert out.nfe == 4
+    for row in range(2):
+        prompt = ids[row][attn[row].bool()].tolist()
+        expected = reference_greedy(policy, prompt, 8, 8, 4, remasking, counts=reveal_counts(8, 4, 1e-3))
+        assert out.completion_ids[row].tolist() == expected
+
+
+@pytest.mark.parametrize("alg", ["origin", "entropy", "topk_margin"])
+def test_dream_sampling_is_complete_and_reproducible(alg):
+    policy = tiny_policy("dream")
+    ids, attn = left_padded_prompts(policy, [5, 5, 3])
+    sampler = DreamSampler(gen_length=8, block_length=4, steps=4, temperature=0.8, alg=alg, alg_temp=0.5)
+    runs = [sampler.generate(policy.logits, ids, attn, policy.mask_id, torch.Generator().manual_seed(7)) for _ in "ab"]
+    assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
+    assert not (runs[0].completion_ids == policy.mask_id).any() and runs[0].nfe == 4
 
 
 # ------------------------------------------------------------------ the KV cache inside each model family

@@ -24,6 +24,7 @@ from exact import (
 )
 
 from dllm_rl.likelihood import MaskDraw, elbo, mask_seed, masked_logp, sample_masks, token_logprobs
+from dllm_rl.models.positions import position_ids_from_attention_mask
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -94,6 +95,72 @@ def test_masked_logp_prompt_masks_and_left_padding():
             padded = torch.cat([torch.full((2,), pad), prompt])
             attn = torch.tensor([0, 0, 1, 1, 1])
             assert torch.allclose(logf_table(f, padded, attn, completion), table, atol=1e-5, rtol=0)
+
+
+def test_masked_logp_trims_padding_to_the_batch_and_each_chunk():
+    """Leading columns that are padding in every row never reach the model; the values do not change.
+
+    A train micro-batch carries the left padding of the round's longest prompt: here 3 extra all-padding
+    columns, and rows whose real prompts are 3, 1 and 2 tokens long (the real tokens right-aligned).
+    """
+    net = make_model(7)
+    fn = logits_fn(net)
+    widths: list[int] = []
+
+    def counting(x, attn, pos):
+        widths.append(x.shape[1])
+        return fn(x, attn, pos)
+
+    g = torch.Generator().manual_seed(3)
+    n, r, length, extra = 3, 2, 4, 3
+    prompt = torch.randint(0, MASK, (n, 3), generator=g)
+    attn = torch.tensor([[1, 1, 1], [0, 0, 1], [0, 1, 1]])
+    prompt = torch.where(attn.bool(), prompt, torch.zeros_like(prompt))  # pad id 0
+    completion = torch.randint(0, MASK, (n, length), generator=g)
+    comp_mask = torch.rand(n, r, length, generator=g) < 0.5
+    comp_mask[:, :, 0] = True
+    prompt_mask = (torch.rand(n, r, 3, generator=g) < 0.4) & attn.bool()[:, None]
+    masks = MaskDraw(comp_mask, prompt_mask, torch.ones(n, r), torch.full((n, r), 0.5))
+    padded_prompt = torch.cat([torch.full((n, extra), MASK), prompt], dim=1)  # any pad id
+    padded_attn = torch.cat([torch.zeros(n, extra, dtype=torch.long), attn], dim=1)
+    padded_masks = MaskDraw(
+        comp_mask, torch.cat([torch.ones(n, r, extra, dtype=torch.bool), prompt_mask], 2), masks.weight, masks.t
+    )
+    narrow = masked_logp(counting, prompt, attn, completion, masks, MASK)
+    assert widths == [3 + length]
+    widths.clear()
+    wide = masked_logp(counting, padded_prompt, padded_attn, completion, padded_masks, MASK)
+    assert widths == [3 + length], "the all-padding columns went through the model"
+    assert torch.allclose(wide, narrow, atol=1e-6, rtol=0)
+    # The reference: the padded batch as the model saw it before trimming (every column through the model).
+    positions = position_ids_from_attention_mask(
+        torch.cat([padded_attn, torch.ones_like(completion)], 1).repeat_interleave(r, 0)
+    )
+    untrimmed = []
+    for i in range(n):
+        for k in range(r):
+            x = torch.cat([padded_prompt[i].masked_fill(padded_masks.prompt[i, k], MASK), completion[i]])
+            x = torch.where(torch.cat([torch.zeros(3 + extra, dtype=torch.bool), comp_mask[i, k]]), MASK, x)
+            a = torch.cat([padded_attn[i], torch.ones(length, dtype=torch.long)])
+            logits = fn(x[None], a[None], positions[i * r + k][None])[0, -length:]
+            untrimmed.append(token_logprobs(logits, completion[i]))
+    untrimmed = torch.where(comp_mask, torch.stack(untrimmed).view(n, r, length), torch.zeros(()))
+    assert torch.allclose(wide, untrimmed, atol=1e-6, rtol=0)
+    # Chunks of 2 copies = one sample each: every chunk trims to its own row's prompt (3, 1, 2 tokens).
+    widths.clear()
+    chunked = masked_logp(counting, padded_prompt, padded_attn, completion, padded_masks, MASK, chunk_rows=2)
+    assert widths == [3 + length, 1 + length, 2 + length]
+    assert torch.allclose(chunked, narrow, atol=1e-6, rtol=0)
+    # Chunks that straddle samples keep the widest of their rows.
+    widths.clear()
+    straddle = masked_logp(counting, padded_prompt, padded_attn, completion, padded_masks, MASK, chunk_rows=4)
+    assert widths == [3 + length, 2 + length]
+    assert torch.allclose(straddle, narrow, atol=1e-6, rtol=0)
+    # A call with no real prompt token at all keeps its layout.
+    widths.clear()
+    none = torch.zeros_like(padded_attn)
+    masked_logp(counting, padded_prompt, none, completion, padded_masks, MASK)
+    assert widths == [3 + extra + length]
 
 
 # -------------------------------------------------------------------------------- exact enumeration

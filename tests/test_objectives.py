@@ -325,8 +325,11 @@ def test_gdsd_gradient_at_zero_log_ratio_is_advantage_weighted_score_gradient(sc
     s = objective._scores(policy.logits, batch, masks, MASK)  # [B, M]
     surrogate = -(2 * 2.0 / (3 * L)) * (batch.advantages.double()[:, None] * s).sum()
     torch.testing.assert_close(grad_of(loss, policy.theta), grad_of(surrogate, policy.theta))
-    # Masks of step k are the same in prepare (cached S_old) and in loss: S_θ − S_old = 0 exactly.
-    torch.testing.assert_close(s.detach(), batch.extras["s_old"][:, 0])
+    # Masks of step k are the same in prepare (cached S_old) and in loss: S_θ − S_old = 0 exactly. Step 0's
+    # S_old is the loss forward's own value (a NaN placeholder in the buffer); step 1's is cached.
+    assert bool(batch.extras["s_old"][:, 0].isnan().all())
+    s1 = objective._scores(policy.logits, batch, objective._masks(batch, 1), MASK)
+    torch.testing.assert_close(s1.detach(), batch.extras["s_old"][:, 1])
     # Outside the trust band the hard clamp stops the gradient.
     with torch.no_grad():
         policy.theta.add_(torch.randn(L, VOCAB, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
@@ -340,6 +343,7 @@ def test_gdsd_kl_term_and_clamp_options():
     mask = {**BLOCKWISE, "kind": "stratified", "coupled": True, "scope": "all", "weight": "none"}
     cfg = {
         **COMMON,
+        "inner_iterations": 2,
         "loss_forward_dropout": False,
         "name": "gdsd",
         "psi": 1.0,
@@ -358,12 +362,13 @@ def test_gdsd_kl_term_and_clamp_options():
     with torch.no_grad():
         policy.theta.add_(0.3)  # moves logits uniformly: softmax unchanged, so S_θ = S_ref
         policy.theta[:, 0].add_(0.2)
-    loss, _ = objective.loss(batch, policy, 0)
-    masks = objective._masks(batch, 0)
+    # Inner step 1 (after the policy moved): S_old and S_ref both come from prepare.
+    loss, _ = objective.loss(batch, policy, 1)
+    masks = objective._masks(batch, 1)
     s = objective._scores(policy.logits, batch, masks, MASK)[:, 0]
-    s_old = batch.extras["s_old"][:, 0, 0]
+    s_old = batch.extras["s_old"][:, 1, 0]
     a = batch.advantages.double()
-    expected = ((s - s_old) / L - a) ** 2 + 0.5 * 0.5 * (s - batch.extras["s_ref"][:, 0, 0]) ** 2 / L
+    expected = ((s - s_old) / L - a) ** 2 + 0.5 * 0.5 * (s - batch.extras["s_ref"][:, 1, 0]) ** 2 / L
     torch.testing.assert_close(loss, expected.mean())
 
 
@@ -413,3 +418,143 @@ def test_wd1_weights_and_zero_gradient_for_equal_rewards():
     # The second group has equal rewards: w⁺ = w⁻ and it contributes nothing.
     assert torch.equal(weight[3:], torch.zeros(3))
     assert math.isclose(float(weight[:3].sum()), 0.0, abs_tol=1e-6)
+
+
+# ------------------------------------------------------------------ inner step 0 reuses the loss forward
+
+
+class CountingPolicy(TablePolicy):
+    """A TablePolicy that counts the rows its ``logits`` scores, with or without gradients."""
+
+    def __init__(self, seed: int = 0, model: torch.nn.Module | None = None) -> None:
+        super().__init__(seed)
+        self.rows = {"scoring": 0, "grad": 0}
+        self.scoring_calls = 0
+        if model is not None:
+            self.model = model
+
+    def logits(self, input_ids, attention_mask, position_ids=None):
+        self.rows["grad" if torch.is_grad_enabled() else "scoring"] += input_ids.shape[0]
+        return super().logits(input_ids, attention_mask, position_ids)
+
+    @contextlib.contextmanager
+    def scoring(self):
+        self.scoring_calls += 1
+        with super().scoring():
+            yield
+
+
+def first_step_cfg(name: str, mu: int, beta: float) -> dict:
+    if name == "diffu_grpo":
+        full = {**BLOCKWISE, "kind": "full", "weight": "none", "prompt_mask_prob": 0.15}
+        extra = {"epsilon": 0.2, "loss_norm": "token_weighted", "mask": full}
+    else:
+        mask = {**BLOCKWISE, "kind": "stratified", "coupled": True, "scope": "all", "weight": "none"}
+        extra = {"psi": 2.0, "epsilon": 0.05, "clamp_on": "sum", "score": "tlc", "mc_pairs": 2, "mc_reduction": "sum"}
+        extra["mask"] = mask
+    return {**COMMON, "name": name, "inner_iterations": mu, "beta": beta, **extra}
+
+
+@pytest.mark.parametrize("name", ["diffu_grpo", "gdsd"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_first_inner_step_reuses_the_gradient_forward(name, beta):
+    """prepare scores only steps 1..μ−1 with π_old; step 0's loss and gradient are those of the old path."""
+    mu, n = 3, 4
+    cfg = first_step_cfg(name, mu, beta)
+    runs = {}
+    for path in ("new", "old"):
+        policy = CountingPolicy(7)
+        objective = get_objective(cfg, seed=4, group_size=2, micro_batch=2)
+        if path == "old":  # what prepare did before: π_old scored for every step, step 0 included
+            objective.reuses_first_forward = lambda policy: False
+        batch = make_batch(objective, [1.0, 0.0, 0.3, 0.9], group=2)
+        objective.prepare(batch, policy)
+        prepared = dict(policy.rows)
+        per_step = []
+        for k in range(mu):
+            losses, grads = [], []
+            for lo in (0, 2):  # the trainer's micro-batches
+                part = batch.select(slice(lo, lo + 2))
+                loss, metrics = objective.loss(part, policy, k)
+                losses.append(loss.detach())
+                grads.append(grad_of(loss, policy.theta))
+            per_step.append((torch.stack(losses), sum(grads)))
+        runs[path] = (prepared, per_step, batch.extras, policy.scoring_calls)
+    new, old = runs["new"], runs["old"]
+    copies = 1 if name == "diffu_grpo" else 2 * int(cfg["mc_pairs"])  # rows per sample and step
+    # π_old scores (μ−1)/μ of the rows it did; π_ref (another logits function) still scores every step.
+    assert old[0]["scoring"] == n * mu * copies
+    assert new[0]["scoring"] == n * (mu - 1) * copies
+    assert new[0]["grad"] == old[0]["grad"] == 0
+    key = "phi_old" if name == "diffu_grpo" else "s_old"
+    assert bool(new[2][key][:, 0].isnan().all())
+    assert torch.equal(new[2][key][:, 1:], old[2][key][:, 1:])
+    if beta > 0:
+        ref = "phi_ref" if name == "diffu_grpo" else "s_ref"
+        assert torch.equal(new[2][ref], old[2][ref])
+    # Step 0: same loss and gradient (the old path's ratio is 1 up to rounding); later steps identical.
+    torch.testing.assert_close(new[1][0][0], old[1][0][0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(new[1][0][1], old[1][0][1], rtol=1e-9, atol=1e-12)
+    for k in range(1, mu):
+        assert torch.equal(new[1][k][0], old[1][k][0]) and torch.equal(new[1][k][1], old[1][k][1])
+    assert new[3] == old[3] == 1  # no extra scoring forward in loss
+
+
+@pytest.mark.parametrize("name", ["diffu_grpo", "gdsd"])
+def test_single_inner_step_needs_no_old_forward(name):
+    policy = CountingPolicy(3)
+    objective = get_objective(first_step_cfg(name, 1, 0.0), seed=0, group_size=2, micro_batch=2)
+    batch = make_batch(objective, [1.0, 0.0])
+    objective.prepare(batch, policy)
+    assert policy.rows == {"scoring": 0, "grad": 0}
+    loss, metrics = objective.loss(batch, policy, 0)
+    assert torch.isfinite(loss) and metrics["abs_log_ratio_per_token"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["diffu_grpo", "gdsd"])
+def test_dropout_in_the_gradient_forward_keeps_the_precomputed_old_scores(name):
+    # loss_forward_dropout on and a network with dropout: prepare scores step 0 as before.
+    cfg = {**first_step_cfg(name, 2, 0.0), "loss_forward_dropout": True}
+    policy = CountingPolicy(3, model=torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+    objective = get_objective(cfg, seed=0, group_size=2, micro_batch=2)
+    batch = make_batch(objective, [1.0, 0.0])
+    objective.prepare(batch, policy)
+    key = "phi_old" if name == "diffu_grpo" else "s_old"
+    assert not bool(batch.extras[key].isnan().any())
+    # The same network with dropout off in the loss forward: step 0 comes from loss again.
+    off = get_objective({**cfg, "loss_forward_dropout": False}, seed=0, group_size=2, micro_batch=2)
+    again = make_batch(off, [1.0, 0.0])
+    off.prepare(again, policy)
+    assert bool(again.extras[key][:, 0].isnan().all())
+    # Should loss nevertheless run with dropout active, it rescores step 0 without gradients.
+    policy.model.train()
+    calls = policy.scoring_calls
+    loss, metrics = off.loss(again, policy, 0)
+    assert policy.scoring_calls == calls + 1 and metrics["abs_log_ratio_per_token"] == 0.0
+    policy.model.eval()
+    off.loss(again, policy, 0)
+    assert policy.scoring_calls == calls + 1
+
+
+def test_dropout_active_finds_every_kind_of_dropout():
+    from exact import make_model
+
+    from dllm_rl.objectives.base import dropout_active
+
+    tiny = make_model(0).train()
+    assert not dropout_active(tiny) and not dropout_active(tiny, training=True)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+    assert dropout_active(net.train()) and not dropout_active(net.eval())
+    assert dropout_active(net, training=True) and not dropout_active(net.train(), training=False)
+    assert not dropout_active(torch.nn.Sequential(torch.nn.Dropout(0.0)).train())
+
+    class Attention(torch.nn.Module):
+        def __init__(self, rate: float) -> None:
+            super().__init__()
+            self.attention_dropout = rate
+
+    assert dropout_active(Attention(0.1).train()) and not dropout_active(Attention(0.1).eval())
+    assert not dropout_active(Attention(0.0).train())
+    with_config = make_model(0).train()
+    with_config.config.hidden_dropout = 0.1
+    assert dropout_active(with_config) and not dropout_active(with_config, training=False)

@@ -29,6 +29,7 @@ One-step mean-field estimate (d1, §6.1): every completion position masked, prom
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -50,6 +51,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def leading_padding(prompt_attention: torch.Tensor) -> int:
+    """How many leading prompt columns hold no real token in any row (0 when no row has one at all)."""
+    real = prompt_attention.bool().any(dim=0)
+    if not bool(real.any()):
+        return 0  # nothing real to align to: keep the layout as it is
+    return int(real.int().argmax())
+
+
 def masked_logp(
     logits_fn: LogitsFn,
     prompt_ids: torch.Tensor,
@@ -63,8 +72,18 @@ def masked_logp(
 
     The N·R masked copies go through the model in one batched forward, or, with chunk_rows > 0, in
     forwards of at most chunk_rows rows each (same values; bounds the activation memory).
+
+    Padding is kept to these rows' own longest prompt: a micro-batch sliced out of a rollout batch
+    carries the left padding of the whole round's longest prompt, and the leading columns that are
+    padding in every row (of the call, and again of each chunk) are dropped before the forward. The
+    values do not change: padding keys are masked out and the position ids count real tokens only.
     """
     n, r, length = masks.completion.shape
+    lead = leading_padding(prompt_attention)
+    if lead:
+        prompt_ids, prompt_attention = prompt_ids[:, lead:], prompt_attention[:, lead:]
+        masks = dataclasses.replace(masks, prompt=masks.prompt[:, :, lead:])
+    width = prompt_ids.shape[1]
     prompt = prompt_ids.unsqueeze(1).expand(n, r, -1)
     completion = completion_ids.unsqueeze(1).expand(n, r, -1)
     noisy_prompt = torch.where(masks.prompt, torch.full_like(prompt, mask_id), prompt)
@@ -74,12 +93,18 @@ def masked_logp(
     attention = attention.unsqueeze(1).expand(n, r, -1).reshape(n * r, -1)
     positions = position_ids_from_attention_mask(attention)
     targets = completion.reshape(n * r, length)
-    step = chunk_rows if chunk_rows > 0 else n * r
+    step = chunk_rows if 0 < chunk_rows < n * r else max(1, n * r)
     pieces = []
     for start in range(0, n * r, step):
         rows = slice(start, start + step)
+        ids, attn, pos = inputs[rows], attention[rows], positions[rows]
+        # A chunk may have shorter prompts than the whole call; the cut columns are padding in each
+        # of its rows, so the position ids computed over the full width stay right.
+        cut = leading_padding(attn[:, :width]) if step < n * r else 0
+        if cut:
+            ids, attn, pos = ids[:, cut:].contiguous(), attn[:, cut:].contiguous(), pos[:, cut:].contiguous()
         # Slice the completion logits before token_logprobs so only they are upcast to float32.
-        logits = logits_fn(inputs[rows], attention[rows], positions[rows])[:, -length:]
+        logits = logits_fn(ids, attn, pos)[:, -length:]
         pieces.append(token_logprobs(logits, targets[rows]))
     logp = torch.cat(pieces, dim=0).reshape(n, r, length)
     return torch.where(masks.scored, logp, torch.zeros_like(logp))

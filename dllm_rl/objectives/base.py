@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -100,6 +101,44 @@ class Objective(abc.ABC):
     @abc.abstractmethod
     def loss(self, batch: RolloutBatch, policy: Any, inner_step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
 
+    def reuses_first_forward(self, policy: Any) -> bool:
+        """Whether inner step 0's gradient forward stands in for prepare's no-grad scoring of its masks.
+
+        At inner step 0 the policy is still the one ``prepare`` scored with (the optimizer has not
+        stepped since the rollout), so the old policy's scores of step 0 equal the detached values of
+        the gradient forward on the same masks, unless that forward applies dropout: the trainer runs
+        it in train mode exactly when objective.loss_forward_dropout is set. ``prepare`` then leaves
+        step 0 of its old scores as a NaN placeholder (``OLD_FROM_LOSS``) and ``loss`` fills it in.
+        """
+        model = getattr(policy, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            return True
+        return not dropout_active(model, training=bool(self.cfg.get("loss_forward_dropout", True)))
+
+    def old_scores(
+        self,
+        stored: torch.Tensor,
+        inner_step: int,
+        current: torch.Tensor,
+        policy: Any,
+        rescore: Callable[[], torch.Tensor],
+    ) -> torch.Tensor:
+        """The old policy's scores for ``inner_step``, on ``current``'s dtype.
+
+        ``stored`` [N, μ, ...] comes from ``prepare``. At inner step 0, where it holds the placeholder
+        (all NaN), the old scores are ``current.detach()``, the gradient forward's own values, or,
+        should that forward have applied dropout after all, a fresh no-grad ``rescore()`` under
+        ``policy.scoring()``.
+        """
+        step = stored[:, inner_step]
+        if inner_step != 0 or not bool(torch.isnan(step).all()):
+            return step.to(current.dtype)
+        model = getattr(policy, "model", None)
+        if isinstance(model, torch.nn.Module) and dropout_active(model):
+            with policy.scoring():
+                return rescore().to(current.dtype)
+        return current.detach()
+
     def logp(self, logits_fn: Any, batch: RolloutBatch, masks: MaskDraw, mask_id: int) -> torch.Tensor:
         """log f(x_i | row) [N, R, L] at every scored position of every copy, in one (or chunked) forward."""
         return masked_logp(
@@ -139,6 +178,48 @@ class Objective(abc.ABC):
                 for u in uids
             ]
         return sample_masks(cfg, batch.completion_mask, batch.prompt_attention.bool(), replicates, seeds, strata)
+
+
+# What prepare stores for the old scores of inner step 0 when loss computes them from its own forward.
+OLD_FROM_LOSS = math.nan
+
+
+def with_step_zero_placeholder(later: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """[N, μ, ...] old scores: NaN for inner step 0 (``OLD_FROM_LOSS``), then ``later`` (steps 1..μ−1, or None).
+
+    ``like`` [N, 1, ...] gives the shape of one step (and, without ``later``, the device)."""
+    dtype = later.dtype if later is not None else torch.float32
+    first = torch.full(like.shape, OLD_FROM_LOSS, dtype=dtype, device=like.device)
+    return first if later is None else torch.cat([first, later], dim=1)
+
+
+def dropout_active(model: torch.nn.Module, training: bool | None = None) -> bool:
+    """Whether a forward of ``model`` applies dropout, in its modules' current train/eval modes or, with
+    ``training`` given, with every module in that mode (what ``engine.train(training)`` sets).
+
+    Counted: dropout modules with p > 0 (PEFT's lora_dropout among them), an ``attention_dropout`` rate
+    > 0 on a module (LLaDA's and Qwen2's attention apply it only in train mode), and any dropout rate
+    > 0 in a module's config (``*dropout*`` / ``*pdrop*`` keys) -- erring on the side of "active".
+    """
+    for module in model.modules():
+        mode = module.training if training is None else training
+        if not mode:
+            continue
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        if isinstance(module, torch.nn.MultiheadAttention) and module.dropout > 0:
+            return True
+        rate = getattr(module, "attention_dropout", 0.0)
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+            return True
+        config = module.__dict__.get("config")
+        if config is not None:
+            items = config.to_dict().items() if hasattr(config, "to_dict") else vars(config).items()
+            for key, value in items:
+                rated = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if ("dropout" in key or "pdrop" in key) and rated and value > 0:
+                    return True
+    return False
 
 
 def finite_or_zero(values: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -9,7 +9,9 @@ completion; one forward gives per-token log-probs φ_θ(x_i | c'_k ⊕ M^L). Wit
            or (1/N) Σ_i (1/|o_i|) Σ_t v_{i,t}·ℓ_{i,t}   (per_sequence, paper)
 
 φ_old and φ_ref are computed once per rollout for every step's seed (same masked prompt), without
-gradients and with dropout off; with μ = 1, φ_old equals φ_θ's value and ρ = 1.
+gradients and with dropout off; with μ = 1, φ_old equals φ_θ's value and ρ = 1. At inner step 0 the
+policy is still π_old, so when the gradient forward applies no dropout φ_old is that forward's own
+detached value and prepare scores only steps 1..μ−1 (Objective.reuses_first_forward).
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from typing import Any
 import torch
 
 from dllm_rl.likelihood.masks import concat_draws
-from dllm_rl.objectives.base import Objective, RolloutBatch, finite_or_zero, option, register_objective
+from dllm_rl.objectives.base import (
+    Objective,
+    RolloutBatch,
+    finite_or_zero,
+    option,
+    register_objective,
+    with_step_zero_placeholder,
+)
 
 
 @register_objective("diffu_grpo")
@@ -30,9 +39,14 @@ class DiffuGRPOObjective(Objective):
 
     def prepare(self, batch: RolloutBatch, policy: Any) -> None:
         mu = int(self.cfg["inner_iterations"])
-        masks = concat_draws([self.draw_masks(batch, k, 1) for k in range(mu)])  # [N, μ, L]: one copy per step
+        draws = [self.draw_masks(batch, k, 1) for k in range(mu)]  # one copy per step
+        masks = concat_draws(draws)  # [N, μ, L]
         with policy.scoring():
-            batch.extras["phi_old"] = self.logp(policy.logits, batch, masks, policy.mask_id)
+            if self.reuses_first_forward(policy):
+                later = self.logp(policy.logits, batch, concat_draws(draws[1:]), policy.mask_id) if mu > 1 else None
+                batch.extras["phi_old"] = with_step_zero_placeholder(later, draws[0].completion)
+            else:
+                batch.extras["phi_old"] = self.logp(policy.logits, batch, masks, policy.mask_id)
             if self.needs_reference:
                 batch.extras["phi_ref"] = self.logp(policy.reference_logits, batch, masks, policy.mask_id)
 
@@ -40,7 +54,13 @@ class DiffuGRPOObjective(Objective):
         masks = self.draw_masks(batch, inner_step, 1)
         phi = self.logp(policy.logits, batch, masks, policy.mask_id)[:, 0]  # [N, L], 0 past the first EOS
         v = masks.scored[:, 0].to(phi.dtype)
-        phi_old = batch.extras["phi_old"][:, inner_step].to(phi.dtype)
+        phi_old = self.old_scores(
+            batch.extras["phi_old"],
+            inner_step,
+            phi,
+            policy,
+            lambda: self.logp(policy.logits, batch, masks, policy.mask_id)[:, 0],
+        )
         eps, beta = float(self.cfg["epsilon"]), float(self.cfg["beta"])
         a = batch.advantages.to(phi.dtype)[:, None]
         ratio = torch.exp(phi - phi_old)

@@ -15,8 +15,10 @@ Loss at inner step k over a micro-batch of B sequences, M pairs m, A_i leave-one
     L = (1/B) Σ_i Σ_m (Δ_{i,m}/L − ψ·A_i)²  +  β·(1/(B·M·L)) Σ_i Σ_m ½·(S_θ^{(k,m)} − S_ref^{(k,m)})²
 ``clamp_on: per_token`` clamps Δ/L instead; ``none`` does not clamp; ``mc_reduction: mean`` averages
 the first term over the M pairs. S_old and S_ref are computed for every (k, m) once per rollout,
-without gradients and with dropout off. The hard clamp has zero gradient outside the band: with the
-reference ε = 4e-4 on the summed ratio, most of the signal comes from the first inner step.
+without gradients and with dropout off; S_old of step 0 is the gradient forward's own detached value
+when that forward applies no dropout (the policy has not moved yet: Objective.reuses_first_forward).
+The hard clamp has zero gradient outside the band: with the reference ε = 4e-4 on the summed ratio,
+most of the signal comes from the first inner step.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dllm_rl.objectives.base import (
     leave_one_out_advantages,
     option,
     register_objective,
+    with_step_zero_placeholder,
 )
 
 
@@ -58,9 +61,18 @@ class GDSDObjective(Objective):
 
     def prepare(self, batch: RolloutBatch, policy: Any) -> None:
         mu, pairs = int(self.cfg["inner_iterations"]), int(self.cfg["mc_pairs"])
-        masks = concat_draws([self._masks(batch, k) for k in range(mu)])  # all μ·M pairs in one forward
+        draws = [self._masks(batch, k) for k in range(mu)]
+        masks = concat_draws(draws)  # all μ·M pairs in one forward
         with policy.scoring():
-            batch.extras["s_old"] = self._scores(policy.logits, batch, masks, policy.mask_id).view(-1, mu, pairs)
+            if self.reuses_first_forward(policy):
+                later = None
+                if mu > 1:
+                    later = self._scores(policy.logits, batch, concat_draws(draws[1:]), policy.mask_id)
+                    later = later.view(-1, mu - 1, pairs)
+                like = torch.empty(len(batch), 1, pairs, device=batch.completion_ids.device)
+                batch.extras["s_old"] = with_step_zero_placeholder(later, like)
+            else:
+                batch.extras["s_old"] = self._scores(policy.logits, batch, masks, policy.mask_id).view(-1, mu, pairs)
             if self.needs_reference:
                 s_ref = self._scores(policy.reference_logits, batch, masks, policy.mask_id)
                 batch.extras["s_ref"] = s_ref.view(-1, mu, pairs)
@@ -68,11 +80,18 @@ class GDSDObjective(Objective):
     def loss(self, batch: RolloutBatch, policy: Any, inner_step: int) -> tuple[torch.Tensor, dict[str, float]]:
         masks = self._masks(batch, inner_step)
         s_theta = self._scores(policy.logits, batch, masks, policy.mask_id)  # [B, M]
+        s_old = self.old_scores(
+            batch.extras["s_old"],
+            inner_step,
+            s_theta,
+            policy,
+            lambda: self._scores(policy.logits, batch, masks, policy.mask_id),
+        )
         length = batch.completion_ids.shape[1]
         psi, beta, eps = float(self.cfg["psi"]), float(self.cfg["beta"]), float(self.cfg["epsilon"])
         lo, hi = math.log(1 - eps), math.log(1 + eps)
         a = batch.advantages.to(s_theta.dtype)[:, None]
-        log_ratio = s_theta - batch.extras["s_old"][:, inner_step].to(s_theta.dtype)
+        log_ratio = s_theta - s_old
         clamp_on = option(self.cfg, "clamp_on")
         if clamp_on == "sum":
             delta = log_ratio.clamp(lo, hi) / length
