@@ -1,8 +1,9 @@
-"""bench/spg_step.py: the SPG-step bench runs end to end on tiny models, and its bookkeeping holds together.
+"""bench/spg_step.py: the training-step bench runs end to end on tiny models, and its bookkeeping holds together.
 
 Speeds are never asserted (they depend on the machine); what is asserted is that every phase was clocked,
-the phases account for the step, FLOPs follow the stated convention, MFU is a fraction of the measured
-peak, and that the sizes the FLOP count reads from a config are those of the network really built, for
+the phases account for the step, FLOPs follow the stated convention and the forwards really run, MFU is a
+fraction of the measured peak, --grow reruns the step per value, --objective and --mc reach the objective's
+own keys, and that the sizes the FLOP count reads from a config are those of the network really built, for
 the 8B architectures too (built on the meta device: no memory, no weights).
 """
 
@@ -21,7 +22,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "spg_step.py"
-PHASES = ("rollout", "prepare", "likelihood_forward", "backward", "optimizer_step")
+PHASES = ("rollout", "reward", "prepare", "likelihood_forward", "backward", "optimizer_step")
 # Seconds on 2 cores: short completions, few steps, a small peak matmul, one thread.
 TINY = [
     "--gen-length=32",
@@ -61,7 +62,7 @@ def run_bench(tmp_path: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
-def check_report(r: dict, completions: int, mc: int) -> None:
+def check_report(r: dict, completions: int, mc: int | None, objective: str = "spg") -> None:
     assert set(r["phases"]) == set(PHASES)
     for name in PHASES:
         assert r["phases"][name]["seconds"] > 0, name
@@ -83,7 +84,11 @@ def check_report(r: dict, completions: int, mc: int) -> None:
         assert f[key] > 0, key
     assert f["sequence_tokens"] == r["settings"]["prompt_length"] + r["settings"]["gen_length"]
     assert f["rollout_sequence_forwards"] == completions * r["settings"]["steps"]
-    assert f["likelihood_sequences"] == completions * mc
+    # m masked copies per completion (the one-step estimators: one), each a row of the loss forward.
+    assert f["likelihood_sequences"] == completions * (mc or 1)
+    assert f["step"] == pytest.approx(f["rollout"] + f["precompute"] + f["forward_backward"])
+    # The reward phase scores every completion with the task's own reward functions.
+    assert r["reward"]["functions"] and r["reward"]["example_row"]
     assert r["model"]["matmul_params_counted"] == r["model"]["matmul_params_in_model"]
 
     assert r["peak"]["flops_per_second"] > 0
@@ -95,8 +100,10 @@ def check_report(r: dict, completions: int, mc: int) -> None:
 
     assert "spg_step.py" in r["command"]
     assert r["device"]["torch"] == torch.__version__ and r["device"]["name"]
-    assert r["config"]["objective"]["name"] == "spg"
-    assert r["config"]["objective"]["mc_samples"] == mc
+    assert r["config"]["objective"]["name"] == objective == r["settings"]["objective"]
+    assert r["settings"]["mc"] == mc
+    if mc is not None:
+        assert r["config"]["objective"][r["settings"]["mc_key"]] == mc
 
 
 @pytest.mark.slow
@@ -148,3 +155,63 @@ def test_8b_sizes_read_for_flops_match_the_network(model):
     assert arch["params_trainable"] == arch["lora_params"] > 0
     one = bench.sequence_flops(arch, 512, lora=True)
     assert one["forward"] > 2 * 512 * arch["matmul_params_counted"]  # attention and adapters come on top
+
+
+@pytest.mark.slow
+def test_grow_mc_reruns_the_step_per_value(tmp_path):
+    r = run_bench(tmp_path, "--model=tiny_llada", "--group=2", "--lora-r=4", "--grow=mc=1,2")
+    g = r["growth"]["mc"]
+    assert g["values"] == [1, 2] and set(r["growth"]) == {"mc"}
+    one, two = g["reports"]
+    for mc, report in ((1, one), (2, two)):
+        check_report(report, completions=2, mc=mc)
+    assert [row["value"] for row in g["rows"]] == [1, 2]
+    for row in g["rows"]:
+        assert set(row["seconds"]) == set(PHASES) and all(row["seconds"][name] > 0 for name in PHASES)
+        assert row["total_seconds"] > 0 and row["peak_memory_bytes"] > 0 and 0 < row["mfu_step"] <= 1
+    # m doubles the loss forward and its backward, not the rollout: the step's FLOPs grow by less.
+    f1, f2 = one["flops"], two["flops"]
+    assert f2["likelihood_sequences"] == 2 * f1["likelihood_sequences"]
+    assert f2["forward_backward"] == pytest.approx(2 * f1["forward_backward"])
+    assert f2["rollout"] == f1["rollout"] and f1["step"] < f2["step"] < 2 * f1["step"]
+    ratio = g["rows"][1]["flops_ratio"]
+    assert ratio["likelihood_forward"] == pytest.approx(2) and ratio["rollout"] == pytest.approx(1)
+    assert ratio["step"] == pytest.approx(f2["step"] / f1["step"])
+    assert g["rows"][0]["time_ratio"]["total"] == pytest.approx(1)
+    assert g["rows"][1]["time_ratio"]["total"] > 0
+    assert "mc" not in g["fixed"] and g["fixed"]["gen_length"] == 32
+
+
+@pytest.mark.slow
+def test_diffu_grpo_precompute_scores_without_grad(tmp_path):
+    # Two inner steps: prepare scores two prompt-masked copies per completion, for the old and the reference policy.
+    r = run_bench(
+        tmp_path,
+        "--model=tiny_llada",
+        "--group=2",
+        "--lora-r=4",
+        "--objective=diffu_grpo",
+        "objective.inner_iterations=2",
+    )
+    check_report(r, completions=2, mc=None, objective="diffu_grpo")
+    f = r["flops"]
+    # Old and reference log-probs of the inner steps, all in no-grad forwards of the precompute phase.
+    assert f["precompute_sequence_forwards"] > 0 and f["precompute"] > 0
+    assert f["by_phase"]["prepare"]["grad_rows"] == 0
+    assert r["phases"]["prepare"]["seconds"] > 0 and 0 < r["mfu"]["precompute"] <= 1
+
+
+def test_mc_goes_to_the_objectives_own_key():
+    bench = load_bench()
+    base = ["--model=tiny_llada", "--device=cpu"]
+    cfg = bench.build_config(bench.parse_args([*base, "--objective=gdsd", "--mc=3"]))
+    assert cfg["objective"]["mc_pairs"] == 3 and "mc_samples" not in cfg["objective"]
+    cfg = bench.build_config(bench.parse_args([*base, "--objective=dmpo", "--mc=6"]))
+    assert cfg["objective"]["mc_samples"] == 6
+    assert bench.build_config(bench.parse_args([*base, "--objective=elbo"]))["objective"]["mc_samples"] == 2
+    with pytest.raises(SystemExit, match="no Monte Carlo count"):
+        bench.build_config(bench.parse_args([*base, "--objective=wd1", "--mc=2"]))
+    args = bench.parse_args([*base, "--grow=gen_length=64,128", "--grow", "batch=1,2"])
+    assert args.grow == [("gen_length", [64, 128]), ("batch", [1, 2])]
+    with pytest.raises(SystemExit):
+        bench.parse_args([*base, "--grow=lr=1,2"])
