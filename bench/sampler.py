@@ -48,7 +48,6 @@ import argparse
 import contextlib
 import gc
 import importlib.util
-import json
 import math
 import os
 import shlex
@@ -679,10 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = run_accuracy(args)
         print(render_accuracy(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {args.json}")
+    spg.write_json(args.json, result)
     return 0
 
 

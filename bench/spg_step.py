@@ -1112,11 +1112,16 @@ def main(argv: list[str] | None = None) -> int:
         result = growth_report(measurements, plan, peaks)
         text = render_growth_report(result)
     print(text)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, result)
     return 0
+
+
+def write_json(path: Path | None, result: dict[str, Any]) -> None:
+    """The whole result as JSON at ``path`` (nothing without one); shared by the benches."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from dllm_rl.models.positions import position_ids_from_attention_mask
-from dllm_rl.samplers.low_confidence import GenerationOutput, LogitsFn
+from dllm_rl.samplers.low_confidence import GenerationOutput, LogitsFn, initial_canvas
 from dllm_rl.samplers.registry import register_sampler
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -102,13 +101,12 @@ class DreamSampler:
         generator: torch.Generator | None = None,
         temperature: float | None = None,
     ) -> GenerationOutput:
+        """Decode gen_length tokens after each (left-padded) prompt; the arguments are LowConfidenceSampler's."""
         tau = self.temperature if temperature is None else float(temperature)
         batch, prompt_len = prompt_ids.shape
         length, block = self.gen_length, self.block_length
         device = prompt_ids.device
-        x = torch.cat([prompt_ids, torch.full((batch, length), mask_id, dtype=prompt_ids.dtype, device=device)], 1)
-        attn = torch.cat([attention_mask, torch.ones(batch, length, dtype=attention_mask.dtype, device=device)], 1)
-        positions = position_ids_from_attention_mask(attn)
+        x, attn, positions = initial_canvas(prompt_ids, attention_mask, length, mask_id)
         per_block = self.steps // (length // block)
         grid = torch.linspace(1.0, self.eps, per_block + 1, dtype=torch.float64).tolist()
         nfe = 0

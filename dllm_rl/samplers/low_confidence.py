@@ -59,6 +59,16 @@ def commit_counts(masked_in_block: torch.Tensor, steps: int) -> torch.Tensor:
     return base + extra
 
 
+def initial_canvas(
+    prompt_ids: torch.Tensor, attention_mask: torch.Tensor, length: int, mask_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt ⊕ M^L, its attention mask, its RoPE positions) for a left-padded batch of prompts."""
+    batch, device = prompt_ids.shape[0], prompt_ids.device
+    x = torch.cat([prompt_ids, torch.full((batch, length), mask_id, dtype=prompt_ids.dtype, device=device)], 1)
+    attn = torch.cat([attention_mask, torch.ones(batch, length, dtype=attention_mask.dtype, device=device)], 1)
+    return x, attn, position_ids_from_attention_mask(attn)
+
+
 @dataclass
 class GenerationOutput:
     completion_ids: torch.Tensor  # [B, L]
@@ -158,9 +168,7 @@ class LowConfidenceSampler:
         batch, prompt_len = prompt_ids.shape
         length, block = self.gen_length, self.block_length
         device = prompt_ids.device
-        x = torch.cat([prompt_ids, torch.full((batch, length), mask_id, dtype=prompt_ids.dtype, device=device)], 1)
-        attn = torch.cat([attention_mask, torch.ones(batch, length, dtype=attention_mask.dtype, device=device)], 1)
-        positions = position_ids_from_attention_mask(attn)
+        x, attn, positions = initial_canvas(prompt_ids, attention_mask, length, mask_id)
         total = prompt_len + length
         steps_per_block = self.steps // (length // block)
         adaptive = self.threshold is not None
