@@ -106,9 +106,15 @@ def check_report(r: dict, completions: int, mc: int | None, objective: str = "sp
         assert r["config"]["objective"][r["settings"]["mc_key"]] == mc
 
 
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory) -> dict:
+    """tiny_llada with LoRA, the step measured at m = 1 and m = 2 (one bench run serves both tests)."""
+    return run_bench(tmp_path_factory.mktemp("grow"), "--model=tiny_llada", "--group=2", "--lora-r=4", "--grow=mc=1,2")
+
+
 @pytest.mark.slow
-def test_tiny_llada_with_lora(tmp_path):
-    r = run_bench(tmp_path, "--model=tiny_llada", "--group=2", "--lora-r=4")
+def test_tiny_llada_with_lora(grown):
+    r = grown["growth"]["mc"]["reports"][1]  # the default m = 2
     check_report(r, completions=2, mc=2)
     s, m, f = r["settings"], r["model"], r["flops"]
     assert s["lora"]["r"] == 4 and s["family"] == "llada"
@@ -158,8 +164,8 @@ def test_8b_sizes_read_for_flops_match_the_network(model):
 
 
 @pytest.mark.slow
-def test_grow_mc_reruns_the_step_per_value(tmp_path):
-    r = run_bench(tmp_path, "--model=tiny_llada", "--group=2", "--lora-r=4", "--grow=mc=1,2")
+def test_grow_mc_reruns_the_step_per_value(grown):
+    r = grown
     g = r["growth"]["mc"]
     assert g["values"] == [1, 2] and set(r["growth"]) == {"mc"}
     one, two = g["reports"]

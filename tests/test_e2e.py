@@ -202,9 +202,16 @@ def _one_clear_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 def test_unknown_objective_task_and_model_names(tmp_path):
-    for group in ("objective", "task", "model"):
-        proc = run_cli(f"{group}=nope", f"hydra.run.dir={tmp_path / group}")
-        _one_clear_line(proc, f"{group}/nope")
+    proc = run_cli("objective=nope", f"hydra.run.dir={tmp_path}")
+    _one_clear_line(proc, "objective/nope")
+    # The other groups fail in the same composition step, checked in this process.
+    from hydra.errors import ConfigCompositionException
+
+    from tests.test_config import _compose
+
+    for group in ("task", "model", "sampler"):
+        with pytest.raises(ConfigCompositionException, match=f"{group}/nope"):
+            _compose(f"{group}=nope")
 
 
 def test_model_path_that_does_not_exist(tmp_path):

@@ -13,10 +13,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from dllm_rl.config import validate
 from dllm_rl.errors import ConfigError
 from dllm_rl.merge import main as merge_main
 from dllm_rl.models.families import LLADA_CHAT_TEMPLATE, get_family
 from dllm_rl.models.policy import build_tiny, load_pretrained
+from tests.test_config import _compose
 from tests.test_e2e import FAST, REPO, _one_clear_line, run_cli
 
 CONF = REPO / "dllm_rl" / "conf" / "model"
@@ -317,16 +319,25 @@ def test_pickled_weights_are_loaded_weights_only(tmp_path):
 
 
 def test_official_config_without_a_path_is_one_clear_line(tmp_path):
-    for name in ("llada_8b_instruct", "dream_7b_instruct"):
-        proc = run_cli(f"model={name}", f"hydra.run.dir={tmp_path / name}", "logging=none")
-        _one_clear_line(proc, f"model={name} needs model.path=")
+    proc = run_cli("model=llada_8b_instruct", f"hydra.run.dir={tmp_path}", "logging=none")
+    _one_clear_line(proc, "model=llada_8b_instruct needs model.path=")
+    # The same rule for Dream, through the validation pass the command line runs (no second process).
+    with pytest.raises(ConfigError, match="model=dream_7b_instruct needs model.path="):
+        validate(_compose("model=dream_7b_instruct"))
 
 
 def test_lora_settings_are_validated(tmp_path):
-    proc = run_cli("model/lora=paper", "model.lora.r=0", "model.lora.dropout=1.5", f"hydra.run.dir={tmp_path}")
-    _one_clear_line(proc, "model.lora.r=0", "model.lora.dropout=1.5")
-    proc = run_cli("model.quantization=nf4", f"hydra.run.dir={tmp_path / 'q'}")
-    _one_clear_line(proc, "model.quantization=nf4 needs cluster.device=cuda")
+    # Every problem of one command line is reported together, in one line.
+    proc = run_cli(
+        "model/lora=paper",
+        "model.lora.r=0",
+        "model.lora.dropout=1.5",
+        "model.quantization=nf4",
+        f"hydra.run.dir={tmp_path}",
+    )
+    _one_clear_line(
+        proc, "model.lora.r=0", "model.lora.dropout=1.5", "model.quantization=nf4 needs cluster.device=cuda"
+    )
 
 
 # ------------------------------------------------------------------------------------- end to end
