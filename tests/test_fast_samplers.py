@@ -355,8 +355,6 @@ SEEDS = (10, 15)  # prompts of rank 0 and rank 1
 
 
 def _lockstep_worker(rank: int, port: int, results) -> None:
-    if dist.is_initialized():  # inherited through fork from an in-process test's single-rank group
-        dist.destroy_process_group()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
@@ -393,8 +391,8 @@ def test_threshold_decoding_keeps_ranks_in_lockstep():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    # fork: the children start with this process's imports (spawn would re-import torch twice on 2 cores).
-    mp.start_processes(_lockstep_worker, args=(port, results), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a child forked from a process that already ran threads and DeepSpeed can crash.
+    mp.spawn(_lockstep_worker, args=(port, results), nprocs=2, join=True)
     assert results[0][0] == results[1][0] >= max(alone[0][0], alone[1][0])
     for rank in (0, 1):
         assert results[rank][1] == alone[rank][1]
