@@ -174,7 +174,9 @@ class LowConfidenceSampler:
         adaptive = self.threshold is not None
         sync = adaptive and _rank_sync()
         nfe = forward_tokens = 0
-        committed_sum = active_rows = committed_max = 0
+        # Decoding statistics stay on the device until the end: reading them every step would
+        # synchronise a GPU once per forward.
+        committed_sum, active_rows, committed_max = (torch.zeros((), dtype=torch.long, device=device) for _ in "abc")
         for b in range(length // block):
             lo, hi = prompt_len + b * block, prompt_len + (b + 1) * block
             counts = commit_counts(x[:, lo:hi] == mask_id, steps_per_block)
@@ -231,13 +233,13 @@ class LowConfidenceSampler:
                 x[:, lo:hi] = torch.where(commit, proposal.to(x.dtype), x[:, lo:hi])
                 per_row = commit.sum(dim=1)
                 rows = masked.any(dim=1)
-                committed_sum += int(per_row[rows].sum())
-                active_rows += int(rows.sum())
-                committed_max = max(committed_max, int(per_row.max()))
+                committed_sum += per_row.sum()  # rows with nothing masked commit nothing
+                active_rows += rows.sum()
+                committed_max = torch.maximum(committed_max, per_row.max())
                 j += 1
         blocks = length // block
         stats = {
-            "tokens_per_step_mean": committed_sum / max(active_rows, 1),
+            "tokens_per_step_mean": int(committed_sum) / max(int(active_rows), 1),
             "tokens_per_step_max": float(committed_max),
             "steps_per_block": nfe / blocks,
         }
