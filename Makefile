@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean reproduce reproduce-quick
 
 install: $(STAMP)
 
@@ -21,6 +21,15 @@ $(STAMP): pyproject.toml
 
 run: install
 	$(PY) -m dllm_rl objective=spg task=sudoku
+
+# the papers' comparisons at small scale (about 45 min on 2 CPU cores): runs under outputs/reproduce/,
+# tables and plots into docs/RESULTS.md and docs/results/
+reproduce: install
+	WANDB_MODE=disabled $(PY) -m dllm_rl.reproduce --page docs/RESULTS.md
+
+# the same pipeline in a few minutes (1 seed, 2 rounds, spg and elbo): outputs/reproduce-quick/<time>/RESULTS.md
+reproduce-quick: install
+	WANDB_MODE=disabled $(PY) -m dllm_rl.reproduce --quick
 
 test: install
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import dllm_rl  # noqa: F401  (registers the config schemas)
 from dllm_rl.checkpoint import write_text_atomic
-from dllm_rl.config import check_writable, validate
+from dllm_rl.config import apply_round_budget, check_writable, validate
 from dllm_rl.errors import DllmRlError
 
 log = logging.getLogger("dllm_rl")
@@ -52,6 +52,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         OmegaConf.to_object(cfg)  # enum and type checks of every typed node
+        apply_round_budget(cfg)  # train.rounds / eval.every_n_rounds set the step counts
         validate(cfg)
         check_writable(run_dir, "hydra.run.dir")
         check_writable(Path(cfg.cache_dir).expanduser(), "cache_dir")

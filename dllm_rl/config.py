@@ -477,6 +477,7 @@ class RolloutCfg:
 @dataclass
 class TrainCfg:
     steps: int = 960
+    rounds: int | None = None
     micro_batch_per_gpu: int = 128
     max_skipped_steps: int = 3
 
@@ -495,6 +496,7 @@ class OptimCfg:
 class EvalCfg:
     splits: list[str] = field(default_factory=lambda: ["validation", "test"])
     every_n_steps: int = 150
+    every_n_rounds: int | None = None
     before_train: bool = True
     num_examples: int | None = None
     batch_size: int = 256
@@ -596,6 +598,22 @@ RESUME_MODES = ("auto", "disable", "path")
 def world_size(cluster: Any) -> int:
     """Training processes of a run: cluster.nproc per node (one per GPU) times cluster.nodes."""
     return int(cluster["nproc"]) * int(cluster.get("nodes", 1) or 1)
+
+
+def apply_round_budget(cfg: Any) -> None:
+    """train.rounds and eval.every_n_rounds, when set, decide train.steps and eval.every_n_steps (in place).
+
+    A rollout round is objective.inner_iterations optimizer steps on one rollout batch, so a budget in
+    rounds gives objectives with different mu the same number of rollouts.
+    """
+    mu = cfg["objective"]["inner_iterations"]
+    for section, key, per_round in (("train", "steps", "rounds"), ("eval", "every_n_steps", "every_n_rounds")):
+        rounds = cfg[section].get(per_round)
+        if rounds is None:
+            continue
+        if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
+            raise ConfigError(f"{section}.{per_round}={rounds!r} must be a whole number >= 0 (or null)")
+        cfg[section][key] = rounds * mu
 
 
 def validate(cfg: Any) -> None:

@@ -288,7 +288,7 @@ def omega_mask_grid(runs: list[Run]) -> Grid:
 
 
 # ------------------------------------------------------------------------------------------ plots
-def _plot_panels(path: Path, panels: list[tuple[str, str, dict[str, Band]]]) -> None:
+def _plot_panels(path: Path, panels: list[tuple[str, str, dict[str, Band]]], xlabel: str = "step") -> None:
     """One PNG with a panel per (title, y label, curves); each curve a mean line and its min-max band."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure  # the object API: no pyplot state, Agg canvas for savefig
@@ -301,7 +301,7 @@ def _plot_panels(path: Path, panels: list[tuple[str, str, dict[str, Band]]]) -> 
         for label, b in bands.items():
             ax.plot(b.steps, b.mean, label=label, color=color[label], linewidth=1.2)
             ax.fill_between(b.steps, b.low, b.high, color=color[label], alpha=0.2, linewidth=0)
-        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
     if len(labels) > 1:
         handles, names = fig.axes[0].get_legend_handles_labels()
