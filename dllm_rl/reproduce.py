@@ -47,6 +47,7 @@ OBJECTIVES = ("spg", "elbo", "dmpo", "gdsd", "diffu_grpo", "wd1")
 ROUND_COST = {"spg": 1.0, "elbo": 1.0, "wd1": 1.0, "diffu_grpo": 1.5, "gdsd": 3.0, "dmpo": 3.5}
 # how the main table names a configuration, and its order
 MAIN_ROWS = ("spg (mix)", "spg (eubo)", "elbo", "gdsd", "dmpo", "diffu_grpo", "wd1")
+MASK_OMEGA_LABEL = "${hydra:runtime.choices.objective/mask}_omega${objective.omega}"
 MASKING_BLOCK = 4  # sampler and mask block length of the masking ablation (compact tasks decode 16 tokens)
 
 
@@ -60,6 +61,9 @@ class Chunk:
     overrides: tuple[str, ...]
     jobs: int
     objectives: tuple[str, ...] = ("spg",)
+    # job directory name after the job number: the swept values only (Hydra's default names every
+    # override, and a file name has at most 255 bytes)
+    label: str = "${objective.name}_s${seed}"
 
     def cost(self, rounds: int) -> float:
         per_job = statistics.fmean(ROUND_COST[o] for o in self.objectives)
@@ -111,6 +115,7 @@ def make_plan(quick: bool = False) -> Plan:
                         f"seed={_values(*seeds)}",
                     ),
                     len(seeds),
+                    label="spg_${objective.negative_surrogate}_s${seed}",
                 )
             )
     if not quick:  # the quick variant keeps the main comparison and a 2 x 2 corner of the grid
@@ -130,6 +135,7 @@ def make_plan(quick: bool = False) -> Plan:
                 "grid",
                 ("+sweep=mask_omega", "task=sudoku", f"objective/mask={masks}", f"objective.omega={omega}"),
                 jobs,
+                label=MASK_OMEGA_LABEL,
             )
         )
     return Plan(
@@ -156,6 +162,7 @@ def _ablation_chunks(seeds: tuple[int, ...]) -> list[Chunk]:
                 f"seed={_values(*seeds)}",
             ),
             len(negatives) * len(seeds),
+            label="${objective.negative_surrogate}_s${seed}",
         )
     )
     surrogates, betas = ("eubo", "mix"), (1.5, 2.0, 3.0)  # beta 1: the main comparison
@@ -170,6 +177,7 @@ def _ablation_chunks(seeds: tuple[int, ...]) -> list[Chunk]:
                 f"objective.beta={_values(*betas)}",
             ),
             len(surrogates) * len(betas),
+            label="${objective.negative_surrogate}_beta${objective.beta}",
         )
     )
     for task in TASKS:
@@ -186,6 +194,7 @@ def _ablation_chunks(seeds: tuple[int, ...]) -> list[Chunk]:
                     "objective/mask=random,blockwise",
                 ),
                 2 * len(surrogates),
+                label="${objective.negative_surrogate}_${hydra:runtime.choices.objective/mask}",
             )
         )
     omegas = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -195,6 +204,7 @@ def _ablation_chunks(seeds: tuple[int, ...]) -> list[Chunk]:
             "omega",
             ("+sweep=mask_omega", "task=countdown", "objective/mask=blockwise", f"objective.omega={_values(*omegas)}"),
             len(omegas),
+            label=MASK_OMEGA_LABEL,
         )
     )
     return chunks
@@ -211,6 +221,7 @@ def chunk_command(chunk: Chunk, plan: Plan, root: Path, threads: int, extra: lis
         f"cluster.threads={threads}",
         "logging=none",
         f"hydra.sweep.dir={root / chunk.name}",
+        f"hydra.sweep.subdir=${{hydra.job.num}}_{chunk.label}",
         *extra,
     ]
 
@@ -223,30 +234,26 @@ class ChunkResult:
     seconds: float
 
 
-def _prepare_bases(root: Path, extra: list[str], lanes: int) -> None:
-    """Train (or find) each task's cached base once, before lanes could train the same one twice."""
-    commands = [
-        [
-            sys.executable,
-            "-m",
-            "dllm_rl",
-            f"task={task}",
-            "train.steps=0",
-            "eval.before_train=false",
-            "eval.splits=[validation]",
-            "eval.num_examples=8",
-            "logging=none",
-            f"hydra.run.dir={root / 'bases' / task}",
-            *extra,
-        ]
-        for task in TASKS
-    ]
-    with ThreadPoolExecutor(max_workers=max(1, lanes)) as pool:
-        results = list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), commands))
-    for task, done in zip(TASKS, results, strict=True):
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise SystemExit(f"error: the {task} base could not be prepared: {tail[0]}")
+def prepare_bases(extra: list[str]) -> dict[str, Path]:
+    """Each task's data and cached base (a warm-started model), made here once before lanes could build the
+    same ones twice; a run from model.path has no base to make."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from dllm_rl.tasks import get_task
+    from dllm_rl.warmstart import ensure_base
+
+    bases = {}
+    with initialize_config_module(config_module="dllm_rl.conf", version_base="1.3"):
+        for task in TASKS:
+            cfg = OmegaConf.to_container(
+                compose("config", overrides=[f"task={task}", *extra]), resolve=True, enum_to_str=True
+            )
+            cache = Path(cfg["cache_dir"]).expanduser()
+            loaded = get_task(task, cfg["task"], cache)  # generates and caches the data set
+            if cfg["model"]["path"] is None and cfg["warmstart"]["enabled"] and not cfg["model"].get("requires_path"):
+                bases[task], _ = ensure_base(cfg, loaded)
+    return bases
 
 
 def run_plan(plan: Plan, root: Path, lanes: int, extra: list[str]) -> list[ChunkResult]:
@@ -295,6 +302,9 @@ class Record:
     final: float
     rl_seconds: float
     metric: str
+    rollouts_per_round: int  # Q prompts x G completions
+    group: int  # G
+    test_examples: int | None  # task.test_size (null: the task's whole test file)
     curve: dict[int, float] = field(default_factory=dict)  # test metric by rollout round
     reward: dict[int, float] = field(default_factory=dict)  # reward_mean by rollout round
 
@@ -339,6 +349,10 @@ def collect(root: Path, plan: Plan) -> tuple[list[Record], list[report.Run]]:
                     final=float(s["final_metric"]),
                     rl_seconds=float(s.get("rl_wall_seconds", s["wall_seconds"])),
                     metric=s["primary_metric"],
+                    rollouts_per_round=int(c.get("rollout.prompts_per_step", 0))
+                    * int(c.get("rollout.samples_per_prompt", 0)),
+                    group=int(c.get("rollout.samples_per_prompt", 0)),
+                    test_examples=c.get("task.test_size"),
                     curve=_by_round(report.series(run.metrics, f"eval/{s['primary_metric']}"), mu),
                     reward=_by_round(report.series(run.metrics, report.REWARD_KEY), mu),
                 )
@@ -390,6 +404,18 @@ def pooled_sd(groups: list[Group]) -> float | None:
     parts = [(g.n - 1, g.sd**2) for g in groups if g.n > 1 and g.sd is not None]
     dof = sum(d for d, _ in parts)
     return math.sqrt(sum(d * v for d, v in parts) / dof) if dof else None
+
+
+SPG_FAMILY = ("spg (mix)", "spg (eubo)", "elbo")
+
+
+def spg_noise(rows: dict[str, Group]) -> float | None:
+    """Seed sd for the single-seed SPG ablations: pooled over the main table's SPG-family rows.
+
+    The ablations are all SPG configurations, so objectives with another loss (and another failure
+    mode, e.g. a DMPO seed that collapses) do not widen their noise band.
+    """
+    return pooled_sd([g for label, g in rows.items() if label in SPG_FAMILY])
 
 
 def standard_error(a: Group, b: Group, noise: float | None) -> float | None:
@@ -615,7 +641,7 @@ def _negative_section(records: list[Record]) -> list[str]:
     rows = {k: g for k, g in rows.items() if g.n}
     if not rows:
         return []
-    noise = pooled_sd(list(main.values()) + list(rows.values()))
+    noise = pooled_sd([g for label, g in main.items() if label in SPG_FAMILY] + list(rows.values()))
     body = [
         [f"`{k}`", str(g.n), _mean_sd(g), _pts(statistics.fmean(g.gains)), f"{PAPER_NEGATIVE[k]:.1f}"]
         for k, g in rows.items()
@@ -837,8 +863,8 @@ def _curves(records: list[Record], images: Path, prefix: str) -> list[str]:
                 if getattr(r, attr):
                     grouped[r.label].append(getattr(r, attr))
             if grouped:
-                metric = of_task[0].metric if attr == "curve" else ylabel
-                panels.append((f"{task}: {ylabel}", metric, {k: report.band(v) for k, v in grouped.items()}))
+                metric = f"test {of_task[0].metric}" if attr == "curve" else ylabel
+                panels.append((f"{task}: {metric}", metric, {k: report.band(v) for k, v in grouped.items()}))
         if panels:
             name = f"reproduce_{kind}.png"
             report._plot_panels(images / name, panels, xlabel="rollout round")
@@ -866,8 +892,22 @@ def render_page(
 ) -> str:
     images.mkdir(parents=True, exist_ok=True)
     main = main_rows(records)
-    noise_by_task = {task: pooled_sd(list(rows.values())) for task, rows in main.items()}
-    rollouts = plan.rounds * 16 * 8
+    noise_by_task = {task: spg_noise(rows) for task, rows in main.items()}
+    spg_sd = (
+        ", ".join(f"{task} {'-' if sd is None else f'{sd:.4f}'}" for task, sd in noise_by_task.items())
+        or "none measured"
+    )
+    tests = " or ".join(str(n) for n in sorted({r.test_examples for r in records if r.test_examples})) or "all"
+    per_round = sorted({r.rollouts_per_round for r in records}) or [0]
+    rollouts = " or ".join(str(plan.rounds * n) for n in per_round)
+    shape = " or ".join(
+        sorted(
+            {
+                f"Q {n // g} prompts × G {g} completions"
+                for n, g in ((r.rollouts_per_round, _group_size(r)) for r in records)
+            }
+        )
+    )
     wall = "-" if wall_seconds is None else f"{wall_seconds:.0f} s ({wall_seconds / 60:.1f} min)"
     lines = [
         f"## Small-scale reproduction of the papers' comparisons (`{command}`)",
@@ -877,15 +917,16 @@ def render_page(
         f"{os.cpu_count()} CPU core(s), wall time **{wall}** (base preparation included).",
         "",
         f"- Every run starts from the same cached warm-started tiny base of its task (compact format) and gets "
-        f"the same budget: {plan.rounds} rollout rounds of Q 16 prompts × G 8 completions = {rollouts} rollouts "
+        f"the same budget: {plan.rounds} rollout rounds of {shape or 'Q × G'} = {rollouts} rollouts "
         "(`train.rounds`; optimizer steps = rounds × μ, so μ = 8 objectives take twice the steps of μ = 4 ones "
         "on the same rollouts).",
         f"- Each objective, surrogate and mask schedule runs with its config file's defaults (the papers' "
-        f"settings); nothing is tuned per objective. Evaluation: greedy, the whole 256-example test split, "
+        f"settings); nothing is tuned per objective. Evaluation: greedy, the whole test split ({tests} examples), "
         f"before RL and every {plan.eval_every} rounds.",
         '- "Verdict" compares the sign of each measured difference with the paper\'s, outside a band of 2 '
-        "standard errors (from the seeds' spread; a single-seed configuration borrows the seed sd pooled "
-        'over the main table\'s objectives of its task). "Not shown" means this budget cannot tell.',
+        "standard errors (from the seeds' spread; a single-seed ablation borrows the seed sd pooled "
+        f"over the main table's SPG-family rows of its task, {spg_sd}). "
+        '"Not shown" means this budget cannot tell.',
         "- The papers train 8B models for thousands of steps; these runs are tiny models for a few minutes. "
         "A disagreement here is a fact about this scale, stated as measured, not a verdict on the paper.",
         "",
@@ -899,6 +940,8 @@ def render_page(
         *_beta_section(records, noise_by_task.get("sudoku")),
         *_grid_section(records, images, prefix),
     ]
+    at = next(i for i, line in enumerate(lines) if line.startswith("### "))  # after the intro
+    lines[at:at] = _at_a_glance(lines[at:])
     if failed or unfinished:
         lines += ["### Runs that did not finish", ""]
         lines += [
@@ -911,6 +954,41 @@ def render_page(
             )
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _at_a_glance(section: list[str]) -> list[str]:
+    """Count the verdicts of every claims table below and name each disagreement with its section."""
+    counts = {"agrees": 0, "disagrees": 0, "not shown": 0}
+    disagreements, heading, where = [], "", ""
+    for line in section:
+        if line.startswith("#"):
+            heading = where = line.lstrip("#").strip()
+        elif line.startswith("**"):  # a task's sub-table, e.g. "**countdown** (test acc)"
+            where = f"{heading}, {line.split('**')[1]}"
+        if not line.startswith("|"):
+            continue
+        found = next((v for v in counts if f"**{v}**" in line), None)
+        if found is None:
+            continue
+        counts[found] += 1
+        if found == "disagrees":
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            disagreements.append(f"  - {where}: {' · '.join(cells[:-1])}")
+    total = sum(counts.values())
+    if not total:
+        return []
+    lines = [
+        f"**At a glance**: of {total} comparisons with a paper claim, {counts['agrees']} agree in sign beyond "
+        f"noise, {counts['disagrees']} disagree beyond noise and {counts['not shown']} are within noise at this "
+        "scale.",
+    ]
+    if disagreements:
+        lines += ["", "- Disagreements (where: the table row's cells):", *disagreements]
+    return [*lines, ""]
+
+
+def _group_size(record: Record) -> int:
+    return max(1, record.group)
 
 
 def write_page(page: Path, section: str) -> None:
@@ -985,7 +1063,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         print(f"{name}: {plan.runs} runs in {len(plan.chunks)} chunks, {args.lanes} lane(s), output {root}", flush=True)
         began = time.monotonic()
-        _prepare_bases(root, extra, args.lanes)
+        for task, path in prepare_bases(extra).items():
+            print(f"{task} base: {path}", flush=True)
         results = run_plan(plan, root, args.lanes, extra)
         wall = time.monotonic() - began
         timing = {"wall_seconds": wall, "lanes": args.lanes, "chunks": {r.chunk.name: r.seconds for r in results}}

@@ -30,8 +30,17 @@ from dllm_rl.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
-# Task fields that only affect RL or evaluation, not the training data the base sees.
-_TASK_KEYS_NOT_IN_BASE = {"credit_alternative_solutions"}
+# Task fields that only affect RL or evaluation (rewards, decoding, evaluated subsets), not the training
+# data the base sees: runs that differ only in these start from the same cached base.
+_TASK_KEYS_NOT_IN_BASE = {
+    "credit_alternative_solutions",
+    "rewards",
+    "block_length",
+    "diffusion_steps",
+    "eval_gen_lengths",
+    "eval_subset_size",
+    "eval_subset_seed",
+}
 # Model fields that change how the base is loaded or trained on in RL, not the base's weights.
 _MODEL_KEYS_NOT_IN_BASE = {
     "path",
