@@ -330,6 +330,26 @@ class CountdownTaskCfg(TaskCfg):
 
 
 @dataclass
+class SanityTaskCfg(TaskCfg):
+    """k digits in, k digits out by a fixed per-position rule (dllm_rl/tasks/sanity.py)."""
+
+    name: str = "sanity"
+    completion_length: int = 5
+    block_length: int = 5
+    diffusion_steps: int = 5
+    validation_size: int = 64
+    warmstart_steps: int = 300
+    rule: str = "succ"
+    radix: int = 4
+    length_min: int = 5
+    length_max: int = 5
+    warmstart_rule: str = "copy"
+    warmstart_noise: float = 0.6
+    train_size: int = 384
+    test_size: int = 64
+
+
+@dataclass
 class HubTaskCfg(TaskCfg):
     """A task whose data comes from the hub or from local files (GSM8K, MATH500)."""
 
@@ -482,9 +502,16 @@ class TrainCfg:
     max_skipped_steps: int = 3
 
 
+class OptimType(Enum):
+    AdamW = "AdamW"
+    SGD = "SGD"
+
+
 @dataclass
 class OptimCfg:
+    type: OptimType = OptimType.AdamW
     lr: float = 1e-4
+    momentum: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -533,6 +560,15 @@ class EvaluateCfg:
 
 
 @dataclass
+class VarianceCfg:
+    # python -m dllm_rl.variance (dllm_rl/variance.py); conf/variance.yaml comments every key
+    rounds: int = 16
+    mask_draws: int = 2
+    split_positions: bool = True
+    max_gradient_gib: float = 4.0
+
+
+@dataclass
 class Config:
     model: Any = MISSING
     objective: Any = MISSING
@@ -548,6 +584,7 @@ class Config:
     warmstart: WarmstartCfg = field(default_factory=WarmstartCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
+    variance: VarianceCfg = field(default_factory=VarianceCfg)
     seed: int = 0
     run_name: str = MISSING
     output_dir: str = "outputs"
@@ -578,6 +615,7 @@ def register_configs() -> None:
         ("objective", "base_wd1", WD1Cfg),
         ("task", "base_sudoku", SudokuTaskCfg),
         ("task", "base_countdown", CountdownTaskCfg),
+        ("task", "base_sanity", SanityTaskCfg),
         ("task", "base_gsm8k", GSM8KTaskCfg),
         ("task", "base_math500", Math500TaskCfg),
         ("sampler", "base_sampler", SamplerCfg),

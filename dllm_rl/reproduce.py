@@ -409,13 +409,13 @@ def pooled_sd(groups: list[Group]) -> float | None:
 SPG_FAMILY = ("spg (mix)", "spg (eubo)", "elbo")
 
 
-def spg_noise(rows: dict[str, Group]) -> float | None:
-    """Seed sd for the single-seed SPG ablations: pooled over the main table's SPG-family rows.
+def spg_noise(rows: dict[str, Group], *more: Group) -> float | None:
+    """Seed sd for the SPG ablations: pooled over the main table's SPG-family rows (and more groups).
 
     The ablations are all SPG configurations, so objectives with another loss (and another failure
     mode, e.g. a DMPO seed that collapses) do not widen their noise band.
     """
-    return pooled_sd([g for label, g in rows.items() if label in SPG_FAMILY])
+    return pooled_sd([g for label, g in rows.items() if label in SPG_FAMILY] + list(more))
 
 
 def standard_error(a: Group, b: Group, noise: float | None) -> float | None:
@@ -641,7 +641,7 @@ def _negative_section(records: list[Record]) -> list[str]:
     rows = {k: g for k, g in rows.items() if g.n}
     if not rows:
         return []
-    noise = pooled_sd([g for label, g in main.items() if label in SPG_FAMILY] + list(rows.values()))
+    noise = spg_noise(main, *rows.values())
     body = [
         [f"`{k}`", str(g.n), _mean_sd(g), _pts(statistics.fmean(g.gains)), f"{PAPER_NEGATIVE[k]:.1f}"]
         for k, g in rows.items()
@@ -904,7 +904,7 @@ def render_page(
         sorted(
             {
                 f"Q {n // g} prompts × G {g} completions"
-                for n, g in ((r.rollouts_per_round, _group_size(r)) for r in records)
+                for n, g in ((r.rollouts_per_round, max(1, r.group)) for r in records)
             }
         )
     )
@@ -977,28 +977,25 @@ def _at_a_glance(section: list[str]) -> list[str]:
     total = sum(counts.values())
     if not total:
         return []
+    resolved = counts["agrees"] + counts["disagrees"]
     lines = [
-        f"**At a glance**: of {total} comparisons with a paper claim, {counts['agrees']} agree in sign beyond "
-        f"noise, {counts['disagrees']} disagree beyond noise and {counts['not shown']} are within noise at this "
-        "scale.",
+        f"**At a glance**: {resolved} of {total} comparisons with a paper claim are resolved "
+        f"({resolved / total:.0%}): {counts['agrees']} agree in sign beyond noise, {counts['disagrees']} disagree "
+        f"beyond noise, and {counts['not shown']} are within noise at this scale.",
     ]
     if disagreements:
         lines += ["", "- Disagreements (where: the table row's cells):", *disagreements]
     return [*lines, ""]
 
 
-def _group_size(record: Record) -> int:
-    return max(1, record.group)
-
-
-def write_page(page: Path, section: str) -> None:
-    """The section between the markers of page (replaced), or appended to it, or a new page."""
-    block = f"{BEGIN}\n{section}{END}\n"
+def write_page(page: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """The section between the markers ``begin`` / ``end`` of page (replaced), or appended to it, or a new page."""
+    block = f"{begin}\n{section}{end}\n"
     if page.is_file():
         text = page.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            tail = rest.split(END, 1)[1].lstrip("\n")
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            tail = rest.split(end, 1)[1].lstrip("\n")
             text = head + block + ("\n" + tail if tail else "")
         else:
             text = text.rstrip("\n") + "\n\n" + block

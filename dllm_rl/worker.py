@@ -73,6 +73,15 @@ def quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+def optimizer_config(o: dict[str, Any]) -> dict[str, Any]:
+    """DeepSpeed's optimizer entry: AdamW (DeepSpeed's torch-backed AdamW) or SGD with momentum (torch.optim.SGD)."""
+    kind = o.get("type", "AdamW")
+    if getattr(kind, "value", kind) == "SGD":
+        return {"type": "SGD", "params": {"lr": o["lr"], "momentum": o["momentum"], "weight_decay": o["weight_decay"]}}
+    params = {"lr": o["lr"], "betas": list(o["betas"]), "eps": o["eps"], "weight_decay": o["weight_decay"]}
+    return {"type": "AdamW", "params": {**params, "torch_adam": True}}
+
+
 def deepspeed_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """DeepSpeed's dict: the deepspeed group's own keys plus the batch arithmetic and optimizer."""
     world = int(cfg["cluster"]["nproc"])
@@ -84,19 +93,13 @@ def deepspeed_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": completions // (world * micro),
         "gradient_clipping": o["max_grad_norm"],
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": o["lr"],
-                "betas": list(o["betas"]),
-                "eps": o["eps"],
-                "weight_decay": o["weight_decay"],
-                "torch_adam": True,
-            },
-        },
+        "optimizer": optimizer_config(o),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if ds["optimizer"]["type"] != "AdamW":
+        # ZeRO runs any torch.optim optimizer; DeepSpeed only asks that non-Adam ones be allowed explicitly.
+        ds["zero_allow_untested_optimizer"] = True
     if cfg.get("model", {}).get("dtype") == "bfloat16" and not ds.get("bf16", {}).get("enabled"):
         # bf16 parameters need DeepSpeed's bf16 mode, or AdamW would update bf16 weights with no fp32 master copy.
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}

@@ -170,3 +170,32 @@ def test_every_sampler_composes_validates_and_builds(sampler):
     built = get_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
     assert built.gen_length == cfg.sampler.gen_length
     assert getattr(built, "threshold", None) == (0.9 if sampler == "threshold" else None)
+
+
+def test_testbed_presets_apply_to_their_model_and_task_only():
+    # the tiny-model Sudoku testbed (conf/testbed*/): its own estimator settings for spg, the paper's otherwise
+    testbed = _compose("objective=spg", "task=sudoku")
+    assert testbed.objective.mask.prompt_mask_prob == 0.0 and testbed.objective.inner_iterations == 1
+    assert testbed.rollout.prompts_per_step == 32 and testbed.task.warmstart_steps == 200
+    paper = _compose("objective=spg", "task=sudoku", "~testbed", "~testbed_objective")
+    assert paper.objective.mask.prompt_mask_prob == 0.15 and paper.objective.inner_iterations == 4
+    assert paper.rollout.prompts_per_step == 16 and paper.objective.beta == 1.0  # objective_task stays
+    other_model = _compose("objective=spg", "task=sudoku", "model=tiny_llada")
+    assert other_model.objective.mask.prompt_mask_prob == 0.15 and other_model.rollout.prompts_per_step == 16
+    # the command line still wins over a preset
+    assert _compose("objective=spg", "objective.inner_iterations=4").objective.inner_iterations == 4
+
+
+def test_optimizer_type_reaches_deepspeed():
+    from dllm_rl.worker import deepspeed_config
+
+    def ds(*overrides: str) -> dict:
+        return deepspeed_config(OmegaConf.to_container(_compose(*overrides), resolve=True))
+
+    adam = ds()
+    assert adam["optimizer"]["type"] == "AdamW" and "zero_allow_untested_optimizer" not in adam
+    sgd = ds("optim.type=SGD", "optim.momentum=0.9", "optim.lr=0.5")
+    assert sgd["optimizer"] == {"type": "SGD", "params": {"lr": 0.5, "momentum": 0.9, "weight_decay": 0.0}}
+    assert sgd["zero_allow_untested_optimizer"] is True
+    with pytest.raises(ConfigCompositionException):
+        _compose("optim.type=Lion")

@@ -22,7 +22,15 @@ from dllm_rl.config import validate
 
 CONF_DIR = Path(dllm_rl.__file__).parent / "conf"
 SWEEPS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
-GRID_SIZES = {"beta": 8, "mask_omega": 20, "negative_surrogate": 4, "objectives": 18, "seeds": 3}
+GRID_SIZES = {
+    "beta": 8,
+    "mask_omega": 20,
+    "negative_surrogate": 4,
+    "objectives": 18,
+    "seeds": 3,
+    "variance": 32,
+    "variance_objectives": 6,
+}
 OPTUNA_FILE = CONF_DIR / "hparams_search" / "optuna.yaml"
 
 # A task function in place of dllm_rl's (no training): it checks the composed job and reports where

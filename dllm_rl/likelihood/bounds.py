@@ -67,6 +67,7 @@ def masked_logp(
     masks: MaskDraw,
     mask_id: int,
     chunk_rows: int = 0,
+    position_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log f_θ(x_i | row) at the scored positions of every copy: [N, R, L], 0 elsewhere.
 
@@ -77,6 +78,12 @@ def masked_logp(
     carries the left padding of the whole round's longest prompt, and the leading columns that are
     padding in every row (of the call, and again of each chunk) are dropped before the forward. The
     values do not change: padding keys are masked out and the position ids count real tokens only.
+
+    ``position_weight`` [N, L] (None: 1 everywhere) scales the gradient that flows back through each
+    completion position's log-prob, never its value: w·ℓ + (1 − w)·stop_grad(ℓ). Every loss built on
+    these values is unchanged, and for a 0/1 weight and its complement the two gradients add up to the
+    unweighted one (the chain rule is linear in the upstream gradients). The gradient-noise instrument
+    (dllm_rl/variance.py) uses it to split a gradient into the positions a reward can and cannot see.
     """
     n, r, length = masks.completion.shape
     lead = leading_padding(prompt_attention)
@@ -107,6 +114,9 @@ def masked_logp(
         logits = logits_fn(ids, attn, pos)[:, -length:]
         pieces.append(token_logprobs(logits, targets[rows]))
     logp = torch.cat(pieces, dim=0).reshape(n, r, length)
+    if position_weight is not None:
+        w = position_weight.to(device=logp.device, dtype=logp.dtype).unsqueeze(1)
+        logp = w * logp + (1.0 - w) * logp.detach()
     return torch.where(masks.scored, logp, torch.zeros_like(logp))
 
 

@@ -30,6 +30,9 @@ class RolloutBatch:
     advantages: torch.Tensor  # [N]
     round: int  # rollout round number
     extras: dict[str, Any] = field(default_factory=dict)  # what an objective precomputes in prepare()
+    # [N, L] gradient weight of each completion position's log-prob (None: 1), values unchanged
+    # (likelihood.masked_logp); only the gradient-noise instrument sets it (dllm_rl/variance.py)
+    position_weight: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -149,6 +152,7 @@ class Objective(abc.ABC):
             masks,
             mask_id,
             chunk_rows=int(self.cfg.get("forward_chunk", 0)),
+            position_weight=batch.position_weight,
         )
 
     def draw_masks(

@@ -99,6 +99,15 @@ class Task(abc.ABC):
                 raise DllmRlError(f"reward {name!r} failed on a completion: {type(exc).__name__}: {exc}") from exc
         return parts
 
+    def reward_blind_positions(self, example: Mapping[str, Any], completion_length: int) -> list[bool] | None:
+        """Completion positions whose tokens the training reward never reads for this example, as a
+        mask of ``completion_length`` booleans, or None when the task cannot say (the default).
+
+        Only the gradient-noise instrument asks (dllm_rl/variance.py): the part of a policy gradient
+        that comes from such positions moves log-probs the reward gives no information about.
+        """
+        return None
+
     @abc.abstractmethod
     def target(self, example: Mapping[str, Any]) -> str:
         """The reference completion text of a training example (what the warm-start learns)."""

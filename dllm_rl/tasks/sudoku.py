@@ -743,6 +743,30 @@ class SudokuTask(Task):
             return f"<reasoning>\n{worked_reasoning(puzzle, solution)}\n</reasoning>\n<answer>\n{solution}\n</answer>"
         return str(example["solution"])
 
+    def reward_blind_positions(self, example: Mapping[str, Any], completion_length: int) -> list[bool] | None:
+        """Compact style: the positions where the completion copies a given (non-blank) cell of the puzzle.
+
+        The cell reward counts correct blanks only; a given cell matters to it solely through the
+        alternative-solution credit (a valid grid agreeing with the givens earns 1.0, so a copied given
+        can decide it when the blanks hold another solution), and sudoku_cells_reference never reads
+        one. Cells are located in the warm-start target text (its k-th digit is cell k), one character
+        per token as in the compact style's character-level tokenizer. None for the chat style (the
+        answer's place in a reasoning text is not fixed), for other reward functions, or for a target
+        that does not hold 16 digits.
+        """
+        names = [str(spec) for spec in (self.cfg.get("rewards") or [])]
+        if self.chat or any(n not in ("sudoku_cells", "sudoku_cells_reference") for n in names):
+            return None
+        digits = [i for i, ch in enumerate(self.target(example)) if ch in _ASCII_DIGITS]
+        if len(digits) != GRID_CELLS:
+            return None
+        puzzle = str(example["puzzle"])
+        blind = [False] * completion_length
+        for cell, position in enumerate(digits):
+            if position < completion_length and puzzle[cell] != "0":
+                blind[position] = True
+        return blind
+
     def metrics(self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         # Reference metric (§4.6) scores against the stored solution only, without alternative credit.
         puzzles, solutions = [ex["puzzle"] for ex in examples], [ex["solution"] for ex in examples]
