@@ -241,10 +241,13 @@ def test_bad_process_layout_is_one_clear_error():
         for overrides, message in (
             (["cluster.nodes=2"], "cluster.nodes=2 needs cluster=slurm"),
             (
-                ["cluster.nproc=3"],
+                ["cluster.nproc=3", "rollout.prompts_per_step=16"],
                 "rollout.prompts_per_step=16 must be divisible by the number of processes (cluster.nproc=3",
             ),
-            (["cluster.nproc=2"], "must be divisible by processes*train.micro_batch_per_gpu=2*128 (cluster.nproc=2)"),
+            (
+                ["cluster.nproc=2", "rollout.prompts_per_step=16"],
+                "must be divisible by processes*train.micro_batch_per_gpu=2*128 (cluster.nproc=2)",
+            ),
             (["cluster.launcher=mpi"], "cluster.launcher='mpi' must be one of local, slurm, external"),
             (["checkpoint.resume_mode=path"], "checkpoint.resume_mode=path needs an existing checkpoint directory"),
         ):
