@@ -318,7 +318,7 @@ class CountdownTaskCfg(TaskCfg):
     number_max: int = 100
     target_min: int = 1
     target_max: int = 100
-    # share of instances that are additive / need * / need / (tasks.md §3.2)
+    # share of instances that are additive / need * / need / (README, "Tasks")
     class_mix: list[float] = field(default_factory=lambda: [0.895, 0.039, 0.066])
     reward_mode: str = "fixed"
     train_hub_id: str | None = None
@@ -376,7 +376,7 @@ class GSM8KTaskCfg(HubTaskCfg):
     train_hub_config: str | None = "main"
     test_hub_id: str | None = "openai/gsm8k"
     test_hub_config: str | None = "main"
-    # xml: the five-function d1 reward; boxed: GDSD's single exact-match reward (tasks.md §1.6)
+    # xml: the five-function d1 reward; boxed: GDSD's single exact-match reward (README, "Tasks")
     variant: str = "xml"
 
 
@@ -434,7 +434,7 @@ class DreamAlg(Enum):
 
 @dataclass
 class DreamSamplerCfg(SamplerCfg):
-    """Dream's time-grid sampler (samplers.md §2); the cache/threshold fields do not apply to it."""
+    """Dream's time-grid sampler (README, "Fast rollouts"); the cache/threshold fields do not apply to it."""
 
     alg: DreamAlg = DreamAlg.entropy
     alg_temp: float = 0.0

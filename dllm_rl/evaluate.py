@@ -4,7 +4,7 @@ The same config tree as training (every group and override), plus ``evaluate.*``
 generation length L of ``evaluate.gen_lengths`` the split's (subset of) examples are decoded
 greedily (temperature 0) with the configured sampler at block length min(32, L) and
 steps = L · steps_per_token (L/2 in d1, wd1, SPG and GDSD), scored by the task's evaluation parsers,
-and the metrics averaged over lengths (tasks.md §5). With ``cluster.nproc > 1`` the examples are
+and the metrics averaged over lengths (README, "Evaluation"). With ``cluster.nproc > 1`` the examples are
 split across processes (torch elastic launch; gloo on CPU) and gathered, so the numbers do not
 depend on the process count.
 

@@ -1,4 +1,4 @@
-"""Where the training processes of one run come from (engineering.md §1.6).
+"""Where the training processes of one run come from (README, "Several processes ..."; docs/SLURM.md).
 
 The Hydra process composes, validates and resolves the config once; ``start`` then runs the plain dict:
 
