@@ -5,19 +5,40 @@ PY := $(VENV)/bin/python
 # CPU build of torch (lies on local disk on CPU machines); on a GPU machine: make TORCH_SPEC='torch==<cuda build>'
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# the TORCH_SPEC the venv's torch was installed from
+TORCH_RECORD := $(VENV)/.torch-spec
 
-.PHONY: install run test lint clean reproduce reproduce-quick
+.PHONY: install run test lint clean reproduce reproduce-quick swap-torch
 
 install: $(STAMP)
+
+# A TORCH_SPEC given on the command line or in the environment that differs from the recorded one
+# swaps torch in an existing venv (a venv without a record counts as different); without TORCH_SPEC
+# the venv keeps the torch it has.
+ifneq ($(origin TORCH_SPEC),file)
+ifneq ($(wildcard $(STAMP)),)
+ifneq '$(shell cat $(TORCH_RECORD) 2>/dev/null)' '$(TORCH_SPEC)'
+install: swap-torch
+endif
+endif
+endif
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
+	printf '%s\n' '$(TORCH_SPEC)' > $(TORCH_RECORD)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# DeepSpeed JIT-builds its CPU shared-memory collective on first use; build it now, not in the first run.
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
+
+# Uninstall first: pip counts a build with another local label (2.13.0+cpu for torch==2.13.0) as installed.
+swap-torch: $(STAMP)
+	$(PY) -m pip uninstall --quiet --yes torch
+	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	printf '%s\n' '$(TORCH_SPEC)' > $(TORCH_RECORD)
 
 run: install
 	$(PY) -m dllm_rl objective=spg task=sudoku

@@ -7,9 +7,10 @@ dict. A problem the user can fix ends the run with one line naming the field, fi
 
 from __future__ import annotations
 
+import errno
 import logging
-import os
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -17,8 +18,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import dllm_rl  # noqa: F401  (registers the config schemas)
-from dllm_rl.checkpoint import write_text_atomic
-from dllm_rl.config import apply_round_budget, check_writable, validate
+from dllm_rl import rundir
+from dllm_rl.config import apply_round_budget, check_writable, missing_extra, validate
+from dllm_rl.console import say, say_error
 from dllm_rl.errors import DllmRlError
 
 log = logging.getLogger("dllm_rl")
@@ -32,9 +34,12 @@ def _summary_line(summary: dict) -> str:
     best = ""
     if summary.get("best_test_metric") is not None:
         best = f" | best on validation: step {summary['best_step']}, test {summary['best_test_metric']:.4f}"
+    wall = f"wall {summary['wall_seconds']:.0f} s"
+    if summary.get("attempts", 1) > 1:
+        wall += f" over {summary['attempts']} attempts (this one {summary['wall_seconds_this_attempt']:.0f} s)"
     return (
         f"{summary['objective']} on {summary['task']}: {summary['final_split']} {name} {change}{final:.4f}{delta}"
-        f"{best} | {summary['steps']} steps | wall {summary['wall_seconds']:.0f} s | run dir {summary['run_dir']}"
+        f"{best} | {summary['steps']} steps | {wall} | run dir {summary['run_dir']}"
     )
 
 
@@ -50,6 +55,7 @@ def main(cfg: DictConfig) -> float | None:
     from dllm_rl.launcher import Preempted, exit_preempted, global_rank, in_slurm_task, start, worker_command
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    wrote_config = False
     try:
         OmegaConf.to_object(cfg)  # enum and type checks of every typed node
         apply_round_budget(cfg)  # train.rounds / eval.every_n_rounds set the step counts
@@ -59,44 +65,90 @@ def main(cfg: DictConfig) -> float | None:
         plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         plain["run_dir"] = str(run_dir)
         config_path = run_dir / "config.yaml"
-        if global_rank() == 0:  # every task of a SLURM job runs this function; one writes
-            write_text_atomic(config_path, OmegaConf.to_yaml(plain))
-        if cfg.cluster.launcher == "external" and not in_slurm_task():
-            command = worker_command(config_path, int(cfg.cluster.nproc))
-            log.info("config written to %s; start the workers with: %s", config_path, command)
-            print(command)
-            return None
-        summary = start(plain)
+        # Every task of a SLURM job runs this function; rank 0 owns the run directory (rundir.py).
+        owner = global_rank() == 0
+        with rundir.owner_lock(run_dir, owner):
+            wrote_config = rundir.claim_config(config_path, OmegaConf.to_yaml(plain), write=owner)
+            if cfg.cluster.launcher == "external" and not in_slurm_task():
+                command = worker_command(config_path, int(cfg.cluster.nproc))
+                log.info("config written to %s; start the workers with: %s", config_path, command)
+                print(command)
+                return None
+            summary = start(plain)
     except DllmRlError as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
+        say_error(str(exc))
+        _undo_hydra_files(run_dir, {"config.yaml"} if wrote_config else set())
         sys.exit(2)
     except Preempted as exc:
         exit_preempted(exc)
     if global_rank() != 0 or summary is None:
         return None
-    line = _summary_line(summary)
-    log.info("%s", line)
-    print(line)
+    say(_summary_line(summary))
     return _search_metric(summary)
+
+
+# Set before Hydra runs (_preflight_output_dir): the deepest directory of the requested location that
+# already existed, and Hydra's files in a run directory given again with hydra.run.dir, as they were.
+_existed: Path | None = None
+_hydra_files_before: dict[Path, bytes] = {}
+
+
+def _undo_hydra_files(run_dir: Path, ours: set[str]) -> None:
+    """A start that failed before training leaves the run directory as it found it: a directory that
+    holds nothing but Hydra's files and ``ours`` is removed (a config error creates no run
+    directory), and an existing run directory gets back the .hydra/ files that Hydra rewrote for
+    the refused start."""
+    hydra = HydraConfig.get()
+    ours = ours | {hydra.output_subdir or ".hydra", f"{hydra.job.name}.log"}
+    if rundir.discard_unused(run_dir, ours, _existed):
+        return
+    for path, data in _hydra_files_before.items():
+        if path.parent.parent == run_dir.absolute():
+            try:
+                path.write_bytes(data)
+            except OSError:
+                pass
 
 
 def _preflight_output_dir(argv: list[str]) -> None:
     """Hydra creates the run directory before any of our code runs, and reports a failure there
-    as a traceback; check the requested location first so the user gets one line instead."""
+    as a traceback; check the requested location first so the user gets one line instead. The
+    check creates the missing directories and a file, then removes them again: a permission test
+    alone passes for root on /proc, where nothing can be created."""
+    global _existed
     target, field = "outputs", "output_dir"
     for arg in argv:
         for key in ("output_dir", "hydra.run.dir", "hydra.sweep.dir"):
             if arg.startswith(f"{key}="):
                 target, field = arg.split("=", 1)[1], key
-    existing = Path(target.split("${", 1)[0] or ".").expanduser().absolute()
+    wanted = Path(target.split("${", 1)[0] or ".").expanduser().absolute()
+    existing, missing = wanted, []
     while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        print(f"error: {field}={target}: not writable ({existing} is not a writable directory)", file=sys.stderr)
+        existing, missing = existing.parent, [existing, *missing]
+    created: list[Path] = []
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(existing))
+        for directory in missing:
+            directory.mkdir()
+            created.append(directory)
+        with tempfile.TemporaryFile(dir=created[-1] if created else existing):
+            pass
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        print(f"error: {field}={target}: not writable ({why}: {exc.filename or existing})", file=sys.stderr)
         sys.exit(2)
+    finally:
+        for directory in reversed(created):
+            directory.rmdir()
+    _existed = existing
+    if field == "hydra.run.dir" and (existing / "config.yaml").is_file():
+        _hydra_files_before.update({p: p.read_bytes() for p in (existing / ".hydra").glob("*.yaml")})
 
 
 if __name__ == "__main__":
+    if (missing := missing_extra(sys.argv[1:])) is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        sys.exit(2)
     _preflight_output_dir(sys.argv[1:])
     main()

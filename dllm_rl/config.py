@@ -1,12 +1,16 @@
 """Typed configuration schema (Hydra ConfigStore) and the cross-field validation pass.
 
-Every config group option names its schema first in its defaults list (``base_<name>``), so a
-misspelt key or a wrong type fails while Hydra composes the config, with Hydra's own message.
-``validate`` then checks the rules that involve several fields, before any model is built.
+Every config group option names its schema first in its defaults list (``- /base_<name>@_here_``),
+so a misspelt key or a wrong type fails while Hydra composes the config, with Hydra's own message.
+``validate`` then refuses keys no schema declares (Hydra's ``+key=value`` adds them past the
+schema), checks counts and the rules that involve several fields, before any model is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from dllm_rl.errors import ConfigError
 from dllm_rl.zero3 import ZERO3_PARAMS
@@ -271,6 +275,8 @@ class TaskCfg:
     prompt_style: str = "compact"
     # reward functions (registered names or module:function); null = the task's own
     rewards: list[str] | None = None
+    # a reward value that is not a finite number: error (stop, naming function and sample) | zero
+    on_bad_reward: str = "error"
     validation_size: int = 256
     # evaluation protocol (python -m dllm_rl.evaluate): lengths, subset of the test split
     eval_gen_lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
@@ -600,31 +606,36 @@ def _by_style(style: str, compact: Any, chat: Any) -> Any:
 
 
 def register_configs() -> None:
-    """Put every schema in Hydra's ConfigStore and the config resolvers in OmegaConf (on package import)."""
+    """Put every schema in Hydra's ConfigStore and the config resolvers in OmegaConf (on package import).
+
+    The group schemas are stored outside the groups (``base_<name>`` at the root of the config tree),
+    so that they are neither listed as options nor selectable (``objective=base_spg``); each option's
+    YAML names its schema first in its defaults list (``- /base_spg@_here_``).
+    """
     if not OmegaConf.has_resolver("by_style"):
         OmegaConf.register_new_resolver("by_style", _by_style)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    for group, name, node in [
-        ("model", "base_model", ModelCfg),
-        ("objective", "base_elbo", ELBOCfg),
-        ("objective", "base_spg", SPGCfg),
-        ("objective", "base_dmpo", DMPOCfg),
-        ("objective", "base_gdsd", GDSDCfg),
-        ("objective", "base_diffu_grpo", DiffuGRPOCfg),
-        ("objective", "base_wd1", WD1Cfg),
-        ("task", "base_sudoku", SudokuTaskCfg),
-        ("task", "base_countdown", CountdownTaskCfg),
-        ("task", "base_sanity", SanityTaskCfg),
-        ("task", "base_gsm8k", GSM8KTaskCfg),
-        ("task", "base_math500", Math500TaskCfg),
-        ("sampler", "base_sampler", SamplerCfg),
-        ("sampler", "base_dream_sampler", DreamSamplerCfg),
-        ("cluster", "base_cluster", ClusterCfg),
-        ("deepspeed", "base_deepspeed", DeepSpeedCfg),
-        ("logging", "base_logging", LoggingCfg),
+    for name, node in [
+        ("base_model", ModelCfg),
+        ("base_elbo", ELBOCfg),
+        ("base_spg", SPGCfg),
+        ("base_dmpo", DMPOCfg),
+        ("base_gdsd", GDSDCfg),
+        ("base_diffu_grpo", DiffuGRPOCfg),
+        ("base_wd1", WD1Cfg),
+        ("base_sudoku", SudokuTaskCfg),
+        ("base_countdown", CountdownTaskCfg),
+        ("base_sanity", SanityTaskCfg),
+        ("base_gsm8k", GSM8KTaskCfg),
+        ("base_math500", Math500TaskCfg),
+        ("base_sampler", SamplerCfg),
+        ("base_dream_sampler", DreamSamplerCfg),
+        ("base_cluster", ClusterCfg),
+        ("base_deepspeed", DeepSpeedCfg),
+        ("base_logging", LoggingCfg),
     ]:
-        cs.store(group=group, name=name, node=node)
+        cs.store(name=name, node=node)
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -654,11 +665,41 @@ def apply_round_budget(cfg: Any) -> None:
         cfg[section][key] = rounds * mu
 
 
+def unknown_keys(node: Any, path: str = "") -> list[str]:
+    """One message per key that no schema declares, with the closest declared key when there is one.
+
+    Hydra's ``+key=value`` adds a key even to a config its schema closes (Hydra's own typo message
+    suggests that spelling), so this runs on every composed config; free-form dict fields (DeepSpeed's
+    dict, cluster.additional_parameters) take any key.
+    """
+    if not isinstance(node, DictConfig):
+        return []
+    schema = OmegaConf.get_type(node)
+    declared = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    errors = []
+    for key in node.keys():
+        where = f"{path}{key}"
+        if declared is not None and key not in declared:
+            close = difflib.get_close_matches(str(key), declared, n=1)
+            errors.append(f"{where}: not a config key" + (f" (did you mean {path}{close[0]}?)" if close else ""))
+        else:
+            errors += unknown_keys(node._get_node(key), f"{where}.")
+    return errors
+
+
+def check_keys(cfg: Any) -> None:
+    """ConfigError naming every key outside the schemas (see unknown_keys); a plain dict passes."""
+    errors = unknown_keys(cfg)
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
 def validate(cfg: Any) -> None:
     """Cross-field rules. ``cfg`` is the composed config (DictConfig or a plain nested dict).
 
     Raises ConfigError naming the fields at fault; runs before any model or process exists.
     """
+    check_keys(cfg)
     errors: list[str] = []
 
     def need(ok: bool, message: str) -> None:
@@ -711,19 +752,47 @@ def validate(cfg: Any) -> None:
     need(int(cfg["cluster"]["nproc"]) >= 1, f"cluster.nproc={cfg['cluster']['nproc']} must be >= 1")
     need(int(cfg["cluster"].get("nodes", 1)) >= 1, f"cluster.nodes={cfg['cluster'].get('nodes')} must be >= 1")
     world = max(world, 1)
-    need(
-        micro >= 1 and completions % (world * max(micro, 1)) == 0,
-        f"rollout.prompts_per_step*rollout.samples_per_prompt={completions} must be divisible by "
-        f"processes*train.micro_batch_per_gpu={world}*{micro} ({procs})",
-    )
-    need(
-        micro >= 1 and (micro % group == 0 or group % micro == 0),
-        f"train.micro_batch_per_gpu={micro} must hold whole groups or a slice of one group "
-        f"(a multiple or a divisor of rollout.samples_per_prompt={group})",
-    )
+    # Counts with no meaning at 0 (or below): one line each. Where null or 0 means something, the
+    # comment in conf/config.yaml says what, and the bound here allows it.
+    for where, value, low, null in (
+        ("rollout.micro_batch", r["micro_batch"], 1, None),
+        ("train.micro_batch_per_gpu", micro, 1, None),
+        ("train.max_skipped_steps", t["max_skipped_steps"], 0, None),
+        ("optim.warmup_steps", cfg["optim"]["warmup_steps"], 0, None),
+        ("eval.num_examples", cfg["eval"]["num_examples"], 1, "the whole split"),
+        ("eval.batch_size", cfg["eval"]["batch_size"], 1, None),
+        ("warmstart.steps", cfg["warmstart"]["steps"], 0, None),
+        ("warmstart.batch_size", cfg["warmstart"]["batch_size"], 1, None),
+        ("log_every", cfg["log_every"], 1, None),
+        ("cluster.threads", cfg["cluster"]["threads"], 0, None),
+        ("cluster.cpus_per_task", cfg["cluster"]["cpus_per_task"], 1, None),
+        ("cluster.gpus_per_node", cfg["cluster"]["gpus_per_node"], 0, None),
+        ("cluster.time_min", cfg["cluster"]["time_min"], 1, None),
+        ("cluster.mem_gb", cfg["cluster"]["mem_gb"], 1, "the partition's default"),
+        ("cluster.signal_delay_s", cfg["cluster"]["signal_delay_s"], 0, None),
+        ("cluster.max_requeues", cfg["cluster"]["max_requeues"], 0, None),
+        ("task.eval_subset_size", cfg["task"].get("eval_subset_size"), 1, "all"),
+    ):
+        if value is not None:
+            need(value >= low, f"{where}={value} must be >= {low}" + (f" (or null: {null})" if null else ""))
+    for split in ("train", "validation", "test"):
+        size = cfg["task"].get(f"{split}_size")
+        if size is not None and cfg["task"].get(f"{split}_file") is None:
+            need(size >= 1, f"task.{split}_size={size} must be >= 1 (the {split} split would be empty)")
+    if micro >= 1:
+        need(
+            completions % (world * micro) == 0,
+            f"rollout.prompts_per_step*rollout.samples_per_prompt={completions} must be divisible by "
+            f"processes*train.micro_batch_per_gpu={world}*{micro} ({procs})",
+        )
+        need(
+            micro % group == 0 or group % micro == 0,
+            f"train.micro_batch_per_gpu={micro} must hold whole groups or a slice of one group "
+            f"(a multiple or a divisor of rollout.samples_per_prompt={group})",
+        )
     per_rank = completions // max(world, 1)
     need(
-        r["micro_batch"] >= 1 and per_rank % max(r["micro_batch"], 1) == 0,
+        r["micro_batch"] < 1 or per_rank % r["micro_batch"] == 0,
         f"rollout.micro_batch={r['micro_batch']} must divide the completions per process ({per_rank})",
     )
     need(
@@ -757,6 +826,10 @@ def validate(cfg: Any) -> None:
     need(
         tcfg.get("on_prompt_overflow", "drop") in ("drop", "error", "left_truncate"),
         f"task.on_prompt_overflow={tcfg.get('on_prompt_overflow')!r} must be drop, error or left_truncate",
+    )
+    need(
+        tcfg.get("on_bad_reward", "error") in ("error", "zero"),
+        f"task.on_bad_reward={tcfg.get('on_bad_reward')!r} must be error or zero",
     )
     cap = tcfg.get("max_prompt_tokens")
     need(cap is None or cap >= 1, f"task.max_prompt_tokens={cap} must be >= 1 (or null: no cap)")
@@ -805,6 +878,8 @@ def validate(cfg: Any) -> None:
     errors += model_errors(cfg["model"], str(cfg["cluster"]["device"]))
     errors += task_file_errors(cfg["task"])
 
+    if len(errors) == 1:
+        raise ConfigError(f"invalid configuration: {errors[0]}")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
@@ -824,6 +899,12 @@ def model_errors(model: Any, device: str, path_given_elsewhere: bool = False) ->
             f"model={model['name']} needs model.path=<local copy of the official checkpoint: config.json, "
             "*.safetensors shards with their index, tokenizer files> (nothing is downloaded)"
         )
+    for key in ("hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
+        if model[key] < 1:
+            errors.append(f"model.{key}={model[key]} must be >= 1")
+    for key in ("num_kv_heads", "intermediate_size", "vocab_size"):
+        if model[key] is not None and model[key] < 1:
+            errors.append(f"model.{key}={model[key]} must be >= 1 (or null)")
     adapter = model["adapter"]
     if adapter is not None and not (Path(os.path.expanduser(str(adapter))) / "adapter_config.json").is_file():
         errors.append(f"model.adapter={adapter}: no adapter_config.json there (expected a saved PEFT adapter)")
@@ -924,6 +1005,26 @@ def _validate_objective(o: Any, s: Any, need: Any) -> None:
     if name == "diffu_grpo":
         need(o["epsilon"] > 0, f"objective.epsilon={o['epsilon']} must be > 0")
         need(o["beta"] >= 0, f"objective.beta={o['beta']} must be >= 0")
+
+
+# Config choices that need an optional extra: (key, value) -> (the module it brings, the extra's name in pyproject.toml)
+EXTRAS: dict[tuple[str, str], tuple[str, str]] = {
+    ("hparams_search", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "hpo"),
+}
+
+
+def missing_extra(overrides: list[str]) -> str | None:
+    """The one-line error for a command-line choice whose optional extra is not installed, or None.
+
+    Checked before Hydra composes: without the plug-in, Hydra only says "Could not find
+    'hydra/sweeper/optuna'".
+    """
+    for arg in overrides:
+        key, _, value = arg.lstrip("+~").partition("=")
+        needs = EXTRAS.get((key, value))
+        if needs is not None and importlib.util.find_spec(needs[0]) is None:
+            return f"{key}={value} needs the {needs[1]} extra: pip install -e '.[{needs[1]}]'"
+    return None
 
 
 def check_writable(directory: str | Path, what: str) -> None:

@@ -28,7 +28,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import dllm_rl  # noqa: F401  (registers the config schemas)
-from dllm_rl.config import check_writable, model_errors, task_file_errors
+from dllm_rl.config import check_keys, check_writable, model_errors, task_file_errors
+from dllm_rl.console import library_output_to, say, say_error
 from dllm_rl.errors import ConfigError, DllmRlError
 
 log = logging.getLogger("dllm_rl")
@@ -67,29 +68,52 @@ def check(cfg: dict[str, Any]) -> None:
         raise ConfigError("invalid evaluation configuration:\n  - " + "\n  - ".join(errors))
 
 
-def resolve_checkpoint(cfg: dict[str, Any]) -> str | None:
-    """The save_pretrained directory to score, or None for the cached warm-started base."""
+def resolve_checkpoint(cfg: dict[str, Any]) -> tuple[str | None, str]:
+    """(the save_pretrained directory to score or None for the cached warm-started base, why that one).
+
+    A run directory (or its checkpoints/ folder) is scored at checkpoints/best/hf, the weights its
+    validation split picked. A run without that export (validation never beat the starting weights,
+    or eval.splits had no validation) is scored at checkpoints/final/hf, and the reason says so: the
+    summary line and metrics.json carry it, so a final-weights score is never mistaken for the best.
+    """
     given = cfg["evaluate"]["checkpoint"] or cfg["model"]["path"]
     field = "evaluate.checkpoint" if cfg["evaluate"]["checkpoint"] else "model.path"
     if given is None:
         if cfg["model"].get("requires_path"):
             raise ConfigError(f"model={cfg['model']['name']}: give evaluate.checkpoint=<dir> or model.path=<dir>")
-        return None
+        base = f"the cached warm-started base of model={cfg['model']['name']}"
+        return None, f"{base}: no evaluate.checkpoint or model.path"
     path = Path(os.path.expanduser(str(given)))
 
     def loadable(d: Path) -> bool:  # a full checkpoint, or a LoRA adapter that names its base
         return (d / "config.json").is_file() or (d / "adapter_config.json").is_file()
 
     if loadable(path):
-        return str(path)
-    for tag in ("best", "final"):  # a run directory, or its checkpoints/ folder
-        for root in (path / "checkpoints", path):
-            if loadable(root / tag / "hf"):
-                return str(root / tag / "hf")
+        return str(path), f"{field} as given"
+    run_dir = path.parent if path.name == "checkpoints" else path
+    if loadable(run_dir / "checkpoints" / "best" / "hf"):
+        return str(run_dir / "checkpoints" / "best" / "hf"), "the run's best on validation"
+    if loadable(run_dir / "checkpoints" / "final" / "hf"):
+        why = f"the run's last weights: no checkpoints/best/hf, since {_why_no_best(run_dir)}"
+        return str(run_dir / "checkpoints" / "final" / "hf"), why
     raise ConfigError(
         f"{field}={given}: neither a save_pretrained directory (config.json or adapter_config.json) nor a run "
         "directory with checkpoints/best/hf or checkpoints/final/hf"
     )
+
+
+def _why_no_best(run_dir: Path) -> str:
+    """Why a run directory has no checkpoints/best export, as its summary.json tells."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return "no summary.json says why"
+    best = summary.get("best")
+    if best is None:
+        return "validation was off (eval.splits)"
+    if best.get("step") == 0:
+        return "validation never beat the starting weights"
+    return f"the export of step {best.get('step')} (best on validation) is missing"
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -101,21 +125,23 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     from dllm_rl.samplers import get_sampler
     from dllm_rl.tasks import get_task
     from dllm_rl.warmstart import ensure_base
-    from dllm_rl.worker import init_distributed, quiet_libraries
+    from dllm_rl.worker import init_distributed, quiet_libraries, rank_logging
 
     start = time.perf_counter()
     quiet_libraries()
     if cfg["cluster"]["threads"]:
         torch.set_num_threads(int(cfg["cluster"]["threads"]))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        init_distributed(cfg["cluster"]["backend"])
-    rank = dist.get_rank() if dist.is_initialized() else 0
     run_dir = Path(cfg["run_dir"])
+    if world > 1:
+        # Spawned ranks log to logs/rank<R>.log, DeepSpeed's build noise included.
+        with library_output_to(rank_logging(run_dir, int(os.environ["RANK"]))):
+            init_distributed(cfg["cluster"]["backend"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
     ecfg = cfg["evaluate"]
 
     task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
-    source = resolve_checkpoint(cfg)
+    source, choice = resolve_checkpoint(cfg)
     if source is None:
         # Rank 0 trains and caches a missing base first; the others then find it in the cache.
         if rank == 0:
@@ -124,6 +150,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             dist.barrier()
         if rank != 0:
             source = str(ensure_base(cfg, task)[0])
+    if rank == 0:
+        log.info("scoring %s (%s)", source, choice)
     # model.adapter belongs to model.path; a checkpoint given here is scored as it is.
     model_cfg = {**cfg["model"], "adapter": None} if cfg["evaluate"]["checkpoint"] else cfg["model"]
     policy = load_from_config(source, model_cfg)
@@ -162,6 +190,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     metric_names = [k for k, v in next(iter(per_length.values())).items() if isinstance(v, float)]
     result = {
         "checkpoint": source,
+        "checkpoint_choice": choice,
         "task": cfg["task"]["name"],
         "prompt_style": task.prompt_style,
         "split": ecfg["split"],
@@ -207,7 +236,7 @@ def summary_line(result: dict[str, Any]) -> str:
     return (
         f"evaluate {result['task']} ({result['split']}, {result['num_examples']} examples): {name} {lengths} | "
         f"average {result['average'][name]:.4f} | {per100:.1f} s per 100 examples over all lengths | "
-        f"checkpoint {result['checkpoint']}"
+        f"checkpoint {result['checkpoint']} ({result['checkpoint_choice']})"
     )
 
 
@@ -216,6 +245,7 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         OmegaConf.to_object(cfg)  # enum and type checks of every typed node
+        check_keys(cfg)  # a '+'-added key no schema declares
         plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         check(plain)
         check_writable(run_dir, "hydra.run.dir")
@@ -223,12 +253,9 @@ def main(cfg: DictConfig) -> float:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain))
         result = launch(plain)
     except DllmRlError as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
+        say_error(str(exc))
         sys.exit(2)
-    line = summary_line(result)
-    log.info("%s", line)
-    print(line)
+    say(summary_line(result))
     return float(result["average"][result["primary_metric"]])
 
 

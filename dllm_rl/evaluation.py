@@ -45,7 +45,12 @@ def generate(
     micro_seeds: Sequence[int] | None = None,
     stats: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(prompt ids, attention, completion ids, forward passes) for a list of prompts.
+    """(prompt ids, attention, completion ids, sampler forwards) for a list of prompts.
+
+    The sampler forwards are the model forwards of all the micro-batches' sampler calls, summed: the
+    cost on this process. The NFE that evaluation and rollouts report is ``stats["nfe"]``: forwards
+    of the denoiser per generated sequence (each row's call's forwards, averaged over the rows; the
+    sampler's steps for a fixed-step sampler), whatever the micro-batch size.
 
     ``micro_seeds``: one seed per micro-batch, each then drawing its noise from its own generator
     (instead of ``generator`` shared by all), so that a micro-batch's completions do not depend on
@@ -54,8 +59,9 @@ def generate(
     (rollout.zero3_params) is how a ZeRO-3 engine's sharded parameters are used for the whole call
     (dllm_rl/zero3.py): under ZeRO-3 every rank must call this, with the same number of prompts, so that
     the micro-batches below give every rank the same number of sampler calls. ``stats``, when given, is
-    filled with the sampler's decoding statistics over all micro-batches: ``forward_tokens`` (positions
-    run through the model per row, summed), ``tokens_per_step_mean`` / ``_max`` and ``steps_per_block``.
+    filled with the sampler's decoding statistics over all micro-batches: ``nfe``, ``forward_tokens``
+    (positions run through the model per row, summed), ``tokens_per_step_mean`` / ``_max`` and
+    ``steps_per_block``.
     """
     prompt_ids, attention = policy.encode_prompts(
         list(prompts), chat=chat, prefill=prefill, max_tokens=max_prompt_tokens
@@ -82,6 +88,7 @@ def generate(
             parts.append((int(rows.shape[0]), out))
     if stats is not None and parts:
         rows_total = sum(n for n, _ in parts)
+        stats["nfe"] = sum(n * out.nfe for n, out in parts) / max(rows_total, 1)
         stats["forward_tokens"] = float(sum(n * out.forward_tokens for n, out in parts))
         for key in ("tokens_per_step_mean", "steps_per_block"):
             values = [(n, out.stats[key]) for n, out in parts if key in out.stats]
@@ -163,6 +170,8 @@ def score(
     whose outputs are dropped), so every rank runs the same number of sampler forwards: under ZeRO-3
     each forward gathers the sharded parameters collectively, and ranks must stay in lockstep.
     Under ZeRO-3 every rank must call this (sharded or not), whichever ``zero3_params`` (see generate).
+    ``metrics["nfe"]`` is forwards of the denoiser per generated sequence (generate's ``stats["nfe"]``),
+    the same number whatever ``batch_size`` and the number of processes.
     """
     rank, world = _rank_world() if shard else (0, 1)
     mine = examples[rank::world]
@@ -172,9 +181,9 @@ def score(
     padded = mine + [filler] * (share - len(mine)) if examples else []
     prefill = task.eval_prefill
     texts: list[str] = []
-    nfe = 0
+    decoding: dict[str, float] = {}
     if padded:
-        _, _, completion_ids, nfe = generate(
+        _, _, completion_ids, _ = generate(
             policy,
             sampler,
             [ex["eval_prompt"] for ex in padded],
@@ -185,18 +194,20 @@ def score(
             prefill=prefill,
             max_prompt_tokens=max_prompt_tokens,
             zero3_params=zero3_params,
+            stats=decoding,
         )
         texts = policy.decode(completion_ids[: len(mine)])
+    nfe = decoding.get("nfe", 0.0)
     if world > 1:
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, (texts, nfe))
         texts = [None] * len(examples)  # type: ignore[list-item]
         for r, (part, _) in enumerate(gathered):
             texts[r::world] = part
-        nfe = sum(n for _, n in gathered)
+        nfe = float(np.mean([n for _, n in gathered]))  # every rank decoded the same number of rows
     metrics = task.metrics(texts, examples)
     # The training reward reads what the model wrote after the generation prompt, prefill included.
-    rewards = [total_reward(task.reward(prefill + t, ex)) for t, ex in zip(texts, examples, strict=True)]
+    rewards = [total_reward(p) for p in task.score([prefill + t for t in texts], examples, "evaluation example")]
     metrics["reward_mean"] = float(np.mean(rewards)) if rewards else 0.0
     metrics["nfe"] = float(nfe)
     records = [

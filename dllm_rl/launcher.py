@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dllm_rl import rundir
 from dllm_rl.config import world_size
 from dllm_rl.errors import ConfigError, DllmRlError
 
@@ -74,7 +75,15 @@ def worker_command(config_path: Path, nproc: int) -> str:
 
 
 def start(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """Run the resolved config here, or in the processes it asks for; rank 0's summary (None elsewhere)."""
+    """Run the resolved config here, or in the processes it asks for; rank 0's summary (None elsewhere).
+
+    The process of global rank 0 holds the run directory's lock meanwhile (dllm_rl/rundir.py): this
+    process when it runs alone or spawns the workers, rank 0 of a torchrun or SLURM job otherwise."""
+    with rundir.owner_lock(cfg["run_dir"], global_rank() == 0):
+        return _start(cfg)
+
+
+def _start(cfg: dict[str, Any]) -> dict[str, Any] | None:
     from dllm_rl.worker import finished_summary, run
 
     launcher = cfg["cluster"]["launcher"]
@@ -138,6 +147,7 @@ class Preempted(Exception):
 
 def exit_preempted(exc: Preempted) -> None:
     """The process's end after a preemption checkpoint: one line and the signal's exit status."""
-    log.warning("%s", exc)
-    print(f"stopped: {exc}", file=sys.stderr)
+    from dllm_rl.console import say
+
+    say(f"stopped: {exc}", logging.WARNING, sys.stderr)
     sys.exit(128 + exc.signum)

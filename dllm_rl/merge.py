@@ -47,7 +47,11 @@ def merge(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dllm_rl.merge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dllm_rl.merge",
+        description="Merge a trained LoRA adapter into its base and write the result as a full save_pretrained "
+        "checkpoint (loads with model.path=<output>, no PEFT). The output directory must not exist yet.",
+    )
     parser.add_argument("adapter", help="directory with adapter_config.json (e.g. <run>/checkpoints/best/hf)")
     parser.add_argument("output", help="new directory for the merged checkpoint")
     parser.add_argument("--base", default=None, help="base checkpoint directory (default: the one the adapter names)")

@@ -25,6 +25,7 @@ from dllm_rl.launcher import Preempted
 
 log = logging.getLogger(__name__)
 
+
 def submitit_signal() -> int:
     """The signal submitit asks SLURM for before the time limit (SUBMITIT_PREEMPT_SIGNAL, USR2 by default)."""
     import os

@@ -16,6 +16,7 @@ a config key that differs only because a group choice differs is left to that ch
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -481,11 +482,15 @@ def render(root: Path, runs: list[Run]) -> tuple[str, list[dict[str, Any]], list
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not Path(args[0]).is_dir():
-        print("usage: python -m dllm_rl.report <run or sweep directory>", file=sys.stderr)
-        return 2
-    root = Path(args[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dllm_rl.report",
+        description="Every run under a run or sweep directory in one report: report.md, report.csv and "
+        "plots/ written into the directory, the markdown printed.",
+    )
+    parser.add_argument("root", type=Path, help="a run directory, or a sweep (multirun) directory holding runs")
+    root = parser.parse_args(sys.argv[1:] if argv is None else argv).root
+    if not root.is_dir():
+        parser.error(f"{root}: not a directory")
     runs = find_runs(root)
     if not runs:
         print(f"error: no run under {root} (no summary.json, status.json or Hydra job directory)", file=sys.stderr)

@@ -1035,7 +1035,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
-    parser = argparse.ArgumentParser(prog="python -m dllm_rl.reproduce", description=__doc__.split("\n")[2])
+    parser = argparse.ArgumentParser(
+        prog="python -m dllm_rl.reproduce",
+        description=" ".join(__doc__.split("\n\n")[1].split()),  # the docstring's first paragraph
+        epilog="Arguments after -- are Hydra overrides given to every run (e.g. -- cache_dir=/scratch/cache).",
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, two objectives (a smoke test)")
     parser.add_argument("--out", type=Path, default=None, help="output root (default outputs/reproduce[-quick]/<time>)")
     parser.add_argument("--page", type=Path, default=None, help="also write the section into this markdown page")

@@ -2,7 +2,8 @@
 
 Only rank 0 of a multi-process run writes; other ranks get a tracker that records nothing. A
 resumed run continues the same metrics.jsonl (records after the checkpoint's step are dropped, since
-the resumed run repeats those steps) and the same wandb run (its id is saved in the checkpoint).
+the resumed run repeats those steps; a run that starts again from step 0 keeps none) and the same
+wandb run (its id is saved in the checkpoint).
 """
 
 from __future__ import annotations
@@ -23,19 +24,30 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _record_step(line: bytes) -> int | None:
+    """The step of one metrics.jsonl line, or None when the line is no record of ours."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+        return int(record.get("step", 0)) if isinstance(record, dict) else None
+    except (ValueError, TypeError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
 def truncate_after(path: Path, step: int) -> int:
-    """Keep only the records of steps <= ``step`` (atomically); returns how many were dropped."""
+    """Keep only the records of steps <= ``step`` (atomically); returns how many were dropped.
+
+    A line that is no record (cut off by a kill mid-write, or damaged: not JSON, not UTF-8) is
+    dropped with a warning naming the file and line."""
     if not path.is_file():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            dropped += 1  # a line cut off by a kill mid-write
-            continue
-        if int(record.get("step", 0)) <= step:
-            kept.append(line)
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        record_step = _record_step(line)
+        if record_step is None:
+            log.warning("%s line %d is not a metrics record (cut off or damaged); dropped", path, number)
+            dropped += 1
+        elif record_step <= step:
+            kept.append(line.decode("utf-8"))
         else:
             dropped += 1
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -59,14 +71,14 @@ class Tracker:
         self._file = None
         if not enabled:
             return
-        if resume_step is not None:
-            dropped = truncate_after(self.path, resume_step)
-            if dropped:
-                log.info(
-                    "metrics.jsonl: dropped %d records after step %d (the resumed run repeats them)",
-                    dropped,
-                    resume_step,
-                )
+        # A fresh start keeps nothing of an earlier one that left no checkpoint to resume from.
+        dropped = truncate_after(self.path, -1 if resume_step is None else resume_step)
+        if dropped and resume_step is None:
+            log.info("metrics.jsonl: dropped the %d records of an earlier start (this run starts at step 0)", dropped)
+        elif dropped:
+            log.info(
+                "metrics.jsonl: dropped %d records after step %d (the resumed run repeats them)", dropped, resume_step
+            )
         self._file = self.path.open("a")
         lcfg = cfg["logging"]
         if lcfg["backend"] == "wandb" and lcfg["wandb_mode"] != "disabled":

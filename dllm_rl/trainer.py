@@ -40,6 +40,19 @@ BEST = "best"  # save_pretrained export of the weights with the best validation 
 EVAL_PREFIX = {"test": "eval", "validation": "val"}  # metric-name prefixes in metrics.jsonl and wandb
 
 
+@dataclasses.dataclass
+class ResumePoint:
+    """A position in the run: ``step`` steps done, the next one is inner step ``next_inner`` of round
+    ``next_round``; the prompt stream's state and this rank's state (Trainer.rank_state: RNGs, the
+    objective's state, the round's rollouts while it is under way) at that point."""
+
+    step: int
+    next_round: int
+    next_inner: int
+    prompt_stream: dict[str, int]
+    rank_state: dict[str, Any]
+
+
 class PromptStream:
     """Seeded epoch-wise permutation of the training prompts; its state goes into checkpoints."""
 
@@ -148,6 +161,8 @@ class Trainer:
         self.global_step = 0
         self.last_skip_reason: str | None = None
         self.skip_streak: list[str] = []  # reasons of the consecutive skipped steps up to now
+        # Where the run stood after its last applied step: what checkpoints/last_good resumes from.
+        self.last_applied: ResumePoint | None = None  # set by fit() and after every applied step
         self.best: dict[str, Any] | None = None  # the step with the best validation metric so far
         self.evals: list[dict[str, Any]] = []  # every evaluation of the run
         self.base: dict[str, float] | None = None  # the test metrics before RL
@@ -186,7 +201,7 @@ class Trainer:
         micro = int(self.cfg["rollout"]["micro_batch"])
         seeds = [mask_seed(self.seed, "rollout", round_index, first_uid + lo) for lo in range(0, len(examples), micro)]
         decoding: dict[str, float] = {}
-        prompt_ids, attention, completion_ids, nfe = evaluation.generate(
+        prompt_ids, attention, completion_ids, _ = evaluation.generate(
             self.policy,
             self.sampler,
             [ex["prompt"] for ex in examples],
@@ -201,7 +216,7 @@ class Trainer:
         )
         gen_seconds = time.perf_counter() - start
         texts = self.policy.decode(completion_ids)
-        parts = [self.task.reward(text, ex) for text, ex in zip(texts, examples, strict=True)]
+        parts = self.task.score(texts, examples, f"round {round_index} rollout sample", first_uid)
         rewards = torch.tensor([total_reward(p) for p in parts], dtype=torch.float32)
         reward_parts = {k: torch.tensor([p[k] for p in parts], dtype=torch.float32) for k in parts[0]}
         batch = rollout_batch(
@@ -222,7 +237,7 @@ class Trainer:
             "parts": reward_parts,
             "tokens": completion_ids.numel(),
             "gen_seconds": gen_seconds,
-            "nfe": nfe,
+            "nfe": decoding["nfe"],
             "decoding": decoding,
         }
         shares = self._gather(local)
@@ -234,7 +249,8 @@ class Trainer:
             "frac_zero_std_groups": float((grouped.std(dim=1) < 1e-6).float().mean()),
             "rollout_seconds": time.perf_counter() - start,
             "gen_tokens_per_s": sum(x["tokens"] for x in shares) / max(max(x["gen_seconds"] for x in shares), 1e-9),
-            "rollout_nfe": float(max(x["nfe"] for x in shares)),
+            # NFE as evaluation reports it: denoiser forwards per generated sequence (ranks decode as many rows)
+            "rollout_nfe": float(np.mean([x["nfe"] for x in shares])),
             "completion_valid_len": float(torch.cat([x["valid_len"] for x in shares]).mean()),
             **{f"reward/{k}": float(torch.cat([x["parts"][k] for x in shares]).mean()) for k in reward_parts},
         }
@@ -355,13 +371,26 @@ class Trainer:
         if inner_step == 0:  # the round's rollout is charged to its first step
             record["step_seconds"] += record.get("rollout_seconds", 0.0)
         self.tracker.log(self.global_step, record)
-        self._guard(self.last_skip_reason, batch.round)
+        self._guard(self.last_skip_reason, batch, inner_step, extra or {})
         return record
 
-    def _guard(self, reason: str | None, round_index: int) -> None:
-        """Count consecutive skipped steps; past train.max_skipped_steps save what is good and stop."""
+    def _guard(self, reason: str | None, batch: RolloutBatch, inner_step: int, stats: dict[str, Any]) -> None:
+        """Count consecutive skipped steps; past train.max_skipped_steps save what is good and stop.
+
+        After every applied step the position of the next one is remembered (with the round's rollouts
+        while the round goes on): checkpoints/last_good resumes there, so a resumed run redoes exactly
+        the skipped steps and ends at train.steps.
+        """
         if reason is None:
             self.skip_streak = []
+            mid_round = inner_step + 1 < self.mu
+            self.last_applied = ResumePoint(
+                self.global_step,
+                batch.round if mid_round else batch.round + 1,
+                inner_step + 1 if mid_round else 0,
+                self.stream.state_dict(),
+                self.rank_state((batch, stats) if mid_round else None),
+            )
             return
         self.skip_streak.append(reason)
         limit = int(self.cfg["train"]["max_skipped_steps"])
@@ -375,12 +404,33 @@ class Trainer:
         if limit <= 0 or len(self.skip_streak) < limit:
             return
         # Skipped steps change nothing, so the current weights are those of the last applied step.
-        path = self.save(LAST_GOOD, round_index + 1)
+        good = self.last_applied
+        if good is None:  # train_step() outside fit() with no step applied yet: the start of the run
+            good = ResumePoint(0, 0, 0, PromptStream(self.stream.size, self.seed).state_dict(), self.rank_state(None))
+        state = {
+            **self.client_state(good.next_round, good.next_inner),
+            "global_step": good.step,
+            "prompt_stream": good.prompt_stream,
+            "skip_streak": [],
+            "evals": [e for e in self.evals if e["step"] <= good.step],
+        }
+        if self.best is not None and self.best["step"] > good.step:
+            state["best"] = {**self.best, "step": good.step}  # evaluated during the streak: the same weights
+        path = checkpoint.save(
+            self.engine,
+            self.policy,
+            self.run_dir / "checkpoints",
+            LAST_GOOD,
+            state,
+            int(self.cfg["checkpoint"]["keep_last"]),
+            rank_state=good.rank_state,
+        )
         causes = "; ".join(dict.fromkeys(self.skip_streak))
         raise NonFiniteError(
             f"{len(self.skip_streak)} optimizer steps in a row were skipped (train.max_skipped_steps={limit}), "
             f"steps {self.global_step - len(self.skip_streak) + 1}-{self.global_step}: {causes}; "
-            f"the parameters of the last applied step are saved in {path}"
+            f"the parameters of the last applied step (step {good.step}) are saved in {path}, "
+            "and the same run directory resumes from there"
         )
 
     # ------------------------------------------------------------------ evaluation
@@ -495,6 +545,25 @@ class Trainer:
         next_round, next_inner = int(state["next_round"]), int(state["next_inner"])
         if next_inner and buffer is None:
             raise DllmRlError(f"checkpoint {path} stops inside rollout round {next_round} but holds no rollout buffer")
+        at = next_round * self.mu + next_inner
+        if self.global_step != at:
+            # An older dllm_rl saved last_good at the next round's position with the step count of the
+            # abort: the position decides, so that the run still ends at train.steps.
+            log.warning(
+                "checkpoint %s was saved after step %d but continues at round %d, inner step %d: counting on from "
+                "step %d so that the run ends at train.steps",
+                path,
+                self.global_step,
+                next_round,
+                next_inner,
+                at,
+            )
+            self.global_step = at
+        bad = checkpoint.first_nonfinite(self.engine)
+        if bad is not None:
+            raise DllmRlError(
+                f"checkpoint {path} holds non-finite weights (parameter {bad}); delete it to resume from an older one"
+            )
         log.info("resumed from %s at step %d (round %d, inner step %d)", path, self.global_step, next_round, next_inner)
         return next_round, next_inner, buffer
 
@@ -532,6 +601,9 @@ class Trainer:
             first_round, first_inner, buffer = self.restore(self.resume_from)
         elif self.cfg["eval"]["before_train"]:
             self.base = self.evaluate_all(0).get("test")
+        self.last_applied = ResumePoint(
+            self.global_step, first_round, first_inner, self.stream.state_dict(), self.rank_state(buffer)
+        )
 
         bar = tqdm(
             total=steps,

@@ -63,6 +63,7 @@ from omegaconf import DictConfig, OmegaConf
 import dllm_rl  # noqa: F401  (registers the config schemas)
 from dllm_rl.__main__ import _preflight_output_dir
 from dllm_rl.config import check_writable, validate
+from dllm_rl.console import say, say_error
 from dllm_rl.errors import ConfigError, DllmRlError
 
 log = logging.getLogger("dllm_rl")
@@ -594,12 +595,9 @@ def main(cfg: DictConfig) -> float:
         choices = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
         result = run(plain, choices)
     except DllmRlError as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
+        say_error(str(exc))
         sys.exit(2)
-    line = summary_line(result)
-    log.info("%s", line)
-    print(line)
+    say(summary_line(result))
     return float(result["total"]["signal_share"])
 
 

@@ -235,7 +235,7 @@ def _device(cfg: dict[str, Any]) -> torch.device:
     return device
 
 
-def _rank_logging(run_dir: Path, rank: int) -> logging.Handler:
+def rank_logging(run_dir: Path, rank: int) -> logging.FileHandler:
     """Every rank logs to run_dir/logs/rank<R>.log; only rank 0 reaches the console (and Hydra's log)."""
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -253,16 +253,54 @@ def _rank_logging(run_dir: Path, rank: int) -> logging.Handler:
     return handler
 
 
+def _log_traceback(handler: logging.Handler, exc: BaseException) -> None:
+    """A failure's traceback, causes included (a reward plug-in's own error), into this rank's log file
+    only: the console keeps the one-line message."""
+    info = (type(exc), exc, exc.__traceback__)
+    handler.handle(logging.LogRecord(log.name, logging.ERROR, __file__, 0, "run failed: %s", (exc,), info))
+
+
+STATUS_TEXT_CHARS = 500  # status.json is a small record: an error's text is cut to this (the log has it whole)
+
+
 def _write_status(run_dir: Path, status: dict[str, Any]) -> None:
     from dllm_rl.checkpoint import write_text_atomic
 
-    write_text_atomic(run_dir / "status.json", json.dumps(status))
+    def cut(value: Any) -> Any:
+        if isinstance(value, str) and len(value) > STATUS_TEXT_CHARS:
+            return f"{value[: STATUS_TEXT_CHARS - 20]} ... ({len(value)} chars)"
+        return value
+
+    write_text_atomic(run_dir / "status.json", json.dumps({k: cut(v) for k, v in status.items()}))
+
+
+def _previous_attempt(run_dir: Path) -> dict[str, Any]:
+    """The run directory's earlier attempts as this one would continue them: ``attempt`` (this one's
+    number) and ``wall_seconds_before`` (the wall time of all before it). An attempt that ended
+    cleanly recorded its own time in status.json; for one that was killed, the time from its start to
+    its last write (status.json, metrics.jsonl, the rank-0 log) is what counts. Read before this
+    attempt writes anything."""
+    try:
+        prev = json.loads((run_dir / "status.json").read_text())
+        started = float(prev["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"attempt": 1, "wall_seconds_before": 0.0}
+    seconds = prev.get("wall_seconds_this_attempt")
+    if seconds is None:
+        last = [started] + [
+            p.stat().st_mtime
+            for p in (run_dir / "status.json", run_dir / "metrics.jsonl", run_dir / "logs" / "rank0.log")
+            if p.is_file()
+        ]
+        seconds = max(last) - started
+    return {
+        "attempt": int(prev.get("attempt", 1)) + 1,
+        "wall_seconds_before": float(prev.get("wall_seconds_before", 0.0)) + max(0.0, float(seconds)),
+    }
 
 
 def resume_point(cfg: dict[str, Any], run_dir: Path) -> Path | None:
-    """The checkpoint this run continues from (checkpoint.resume_mode), decided on rank 0 for all ranks."""
-    import torch.distributed as dist
-
+    """The checkpoint this run continues from (checkpoint.resume_mode); collective, the same for all ranks."""
     from dllm_rl import checkpoint
 
     ccfg = cfg["checkpoint"]
@@ -270,21 +308,17 @@ def resume_point(cfg: dict[str, Any], run_dir: Path) -> Path | None:
     path: Path | None = None
     if mode == "path":
         path = Path(os.path.expanduser(str(ccfg["resume_path"]))).absolute()
-        why = checkpoint.problem(path)
+        why = checkpoint.verify(path)  # sizes and content hashes (every rank checks a share of the files)
         if why is not None:
             raise DllmRlError(f"checkpoint.resume_path={ccfg['resume_path']}: cannot resume from it: {why}")
     elif mode == "auto":
-        choice: list[Any] = [None]
-        if _rank_world()[0] == 0:
-            found, warnings = checkpoint.resumable(run_dir / "checkpoints")
-            for w in warnings:
-                log.warning("%s; trying an older one", w)
-            if warnings and found is None:
-                log.warning("no complete checkpoint in %s: starting from step 0", run_dir / "checkpoints")
-            choice = [None if found is None else str(found)]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(choice, src=0)
-        path = None if choice[0] is None else Path(choice[0])
+        path, warnings = checkpoint.resumable(run_dir / "checkpoints")
+        for w in warnings:
+            log.warning("%s; trying an older one", w)
+        if warnings and path is not None:
+            log.warning("resuming from %s, the newest checkpoint that verifies", path)
+        elif warnings:
+            log.warning("no complete checkpoint in %s: starting from step 0", run_dir / "checkpoints")
     return path
 
 
@@ -307,7 +341,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     from the newest complete one (checkpoint.resume_mode=auto).
     """
     from dllm_rl.config import world_size
-    from dllm_rl.launcher import Preempted
+    from dllm_rl.console import detach_library_loggers, library_output_to
+    from dllm_rl.launcher import Preempted, global_rank
     from dllm_rl.preemption import StopRequests
     from dllm_rl.tasks import get_task
     from dllm_rl.tracking import Tracker
@@ -315,16 +350,21 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     run_dir = Path(cfg["run_dir"])
+    # Provisional until the resume point is known: an attempt that fails before then still passes
+    # the count on to the next one.
+    attempts = _previous_attempt(run_dir)
+    # The rank log exists before DeepSpeed is imported: its build noise goes there, not to the console.
+    handler = rank_logging(run_dir, global_rank())
     quiet_libraries()
     if cfg["cluster"]["threads"]:
         torch.set_num_threads(int(cfg["cluster"]["threads"]))
-    init_distributed(cfg["cluster"]["backend"])
+    with library_output_to(handler):
+        init_distributed(cfg["cluster"]["backend"])
     rank, world = _rank_world()
-    handler = _rank_logging(run_dir, rank)
     main = rank == 0
     stop = StopRequests().install()
     tracker = None
-    status: dict[str, Any] = {"status": "starting", "started": time.time(), "world_size": world}
+    status: dict[str, Any] = {"status": "starting", "started": time.time(), "world_size": world, **attempts}
     try:
         if world != world_size(cfg["cluster"]):
             raise DllmRlError(
@@ -340,6 +380,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             _barrier()
         sampler, objective, engine = build_training(cfg, policy, _device(cfg))
         resume = resume_point(cfg, run_dir)
+        if resume is None or run_dir.absolute() not in resume.absolute().parents:
+            # The result continues no earlier attempt of this directory: its wall time starts here.
+            status.update(attempt=1, wall_seconds_before=0.0)
         if resume is not None:
             from dllm_rl.checkpoint import manifest
 
@@ -354,6 +397,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         result = trainer.fit()
     except (Preempted, SystemExit) as exc:
         # SystemExit: submitit's handler requeued the job after the checkpoint and ends the process.
+        status["wall_seconds_this_attempt"] = time.perf_counter() - start
         if main and stop.signum:
             message = stop.message or str(exc)
             _write_status(run_dir, {**status, "status": "preempted", "message": message, "signal": stop.signum})
@@ -361,8 +405,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             _write_status(run_dir, {**status, "status": "failed", "error": repr(exc), "message": str(exc)})
         raise
     except BaseException as exc:
+        _log_traceback(handler, exc)
         if main:
             failure = {"status": "failed", "error": repr(exc), "message": str(exc)}
+            status["wall_seconds_this_attempt"] = time.perf_counter() - start
             _write_status(run_dir, {**status, **failure, "user_error": isinstance(exc, DllmRlError)})
         raise
     finally:
@@ -370,6 +416,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             tracker.finish()
         stop.uninstall()
         logging.getLogger("dllm_rl").removeHandler(handler)
+        detach_library_loggers(handler)
         handler.close()
     primary = result["primary_metric"]
     summary = {
@@ -385,13 +432,16 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         # the test metric of the weights the validation split picked (checkpoints/best, or the start)
         "best_step": result["best"]["step"] if result["best"] else None,
         "best_test_metric": (result["best"]["test"] or {}).get(primary) if result["best"] else None,
-        "wall_seconds": time.perf_counter() - start,
+        # every attempt this result continues (status.json carries the count across restarts)
+        "wall_seconds": status["wall_seconds_before"] + (wall := time.perf_counter() - start),
+        "wall_seconds_this_attempt": wall,
+        "attempts": status["attempt"],
     }
     if main:
         from dllm_rl.checkpoint import write_text_atomic
 
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-        _write_status(run_dir, {**status, "status": "done"})
+        _write_status(run_dir, {**status, "status": "done", "wall_seconds_this_attempt": wall})
     return summary
 
 
@@ -400,25 +450,37 @@ def main(argv: list[str] | None = None) -> int:
 
     Started by torchrun / the deepspeed launcher (RANK set) or srun (SLURM task), it is one rank of
     the run; started alone with cluster.nproc > 1 it spawns the ranks itself. Run again on the same
-    file, it resumes from the run directory's newest complete checkpoint.
+    file, it resumes from the run directory's newest complete checkpoint. Rank 0 (or the process
+    started alone) holds the run directory's lock, and a config other than the directory's own
+    config.yaml is refused (dllm_rl/rundir.py).
     """
+    import argparse
+
     import yaml
 
-    from dllm_rl.launcher import Preempted, exit_preempted, start
+    from dllm_rl import rundir
+    from dllm_rl.launcher import Preempted, exit_preempted, global_rank, start
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m dllm_rl.worker <run_dir>/config.yaml", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(
+        prog="python -m dllm_rl.worker",
+        description="Run (or resume) the run that a config.yaml written by python -m dllm_rl describes: one "
+        "rank under torchrun, the deepspeed launcher or srun, or all cluster.nproc ranks when started alone. "
+        "Prints the summary's base_metric, final_metric and run_dir as JSON.",
+    )
+    parser.add_argument("config", type=Path, help="<run_dir>/config.yaml (cluster.launcher=external prints the line)")
+    path = parser.parse_args(sys.argv[1:] if argv is None else argv).config
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     try:
-        path = Path(args[0])
         if not path.is_file():
             raise DllmRlError(f"{path}: no such file (give the config.yaml python -m dllm_rl wrote in a run directory)")
         cfg = yaml.safe_load(path.read_text())
         if not isinstance(cfg, dict) or "run_dir" not in cfg:
             raise DllmRlError(f"{path}: not a resolved dllm_rl run config (it has no run_dir key)")
-        summary = start(cfg)
+        owner = global_rank() == 0
+        with rundir.owner_lock(cfg["run_dir"], owner):
+            # a copy of a config elsewhere (launch/worker.sh) must match the run directory's own
+            rundir.claim_config(Path(cfg["run_dir"]) / "config.yaml", path.read_text(), write=owner)
+            summary = start(cfg)
     except DllmRlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -116,13 +116,15 @@ def test_resolve_checkpoint_finds_a_runs_best_then_final_export(tmp_path):
     run = tmp_path / "run"
     policy.save(run / "checkpoints" / "final" / "hf")
     cfg = {"evaluate": {"checkpoint": str(run)}, "model": {"path": None, "name": "tiny"}}
-    assert resolve_checkpoint(cfg) == str(run / "checkpoints" / "final" / "hf")
+    assert resolve_checkpoint(cfg)[0] == str(run / "checkpoints" / "final" / "hf")
     policy.save(run / "checkpoints" / "best" / "hf")
-    assert resolve_checkpoint(cfg) == str(run / "checkpoints" / "best" / "hf")
+    assert resolve_checkpoint(cfg)[0] == str(run / "checkpoints" / "best" / "hf")
+    cfg["evaluate"]["checkpoint"] = str(run / "checkpoints")
+    assert resolve_checkpoint(cfg)[0] == str(run / "checkpoints" / "best" / "hf")
     cfg["evaluate"]["checkpoint"] = str(run / "checkpoints" / "final" / "hf")
-    assert resolve_checkpoint(cfg) == cfg["evaluate"]["checkpoint"]
+    assert resolve_checkpoint(cfg) == (cfg["evaluate"]["checkpoint"], "evaluate.checkpoint as given")
     cfg = {"evaluate": {"checkpoint": None}, "model": {"path": None, "name": "tiny"}}
-    assert resolve_checkpoint(cfg) is None  # the cached warm-started base
+    assert resolve_checkpoint(cfg)[0] is None  # the cached warm-started base
     with pytest.raises(ConfigError, match="give evaluate.checkpoint"):
         resolve_checkpoint(
             {

@@ -195,7 +195,7 @@ def test_read_local_reads_every_format_and_names_bad_rows(tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n{not json\n")
-    with pytest.raises(DataError, match=r"bad.jsonl: row 3: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl: line 3: not valid JSON"):
         read_local(bad, "task.train_file", tmp_path / "hf")
     with pytest.raises(DataError, match=r"missing.jsonl: file not found \(config key task.test_file\)"):
         read_local(tmp_path / "missing.jsonl", "task.test_file", tmp_path / "hf")

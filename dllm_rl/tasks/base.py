@@ -15,8 +15,11 @@ or named parts; the task reward is the unweighted sum of all parts (tasks.md §0
 from __future__ import annotations
 
 import abc
+import csv
 import functools
+import io
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,9 @@ import datasets
 import numpy as np
 
 from dllm_rl.errors import ConfigError, DllmRlError
-from dllm_rl.tasks.rewards import RewardFn, call_reward, resolve_reward
+from dllm_rl.tasks.rewards import RewardFn, as_reward, describe, resolve_reward, reward_parts
+
+log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 PROMPT_STYLES: tuple[str, ...] = ("compact", "chat")
@@ -36,6 +41,8 @@ EVAL_PREFILL = "<reasoning>"
 SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
 # Characters of chat-style prompts a character-level tokenizer must know: printable ASCII and newline.
 CHAT_ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\n"
+# task.on_bad_reward: what a reward value that is not a finite number does (README, "Tasks")
+ON_BAD_REWARD: tuple[str, ...] = ("error", "zero")
 
 
 class DataError(DllmRlError, ValueError):
@@ -61,6 +68,9 @@ class Task(abc.ABC):
             )
         if self.chat:
             self.alphabet = CHAT_ALPHABET
+        self.on_bad_reward = str(self.cfg.get("on_bad_reward", "error"))
+        if self.on_bad_reward not in ON_BAD_REWARD:
+            raise ConfigError(f"task.on_bad_reward={self.on_bad_reward!r} must be one of {', '.join(ON_BAD_REWARD)}")
 
     @functools.cached_property
     def reward_fns(self) -> list[tuple[str, RewardFn]]:
@@ -90,14 +100,57 @@ class Task(abc.ABC):
 
     def reward(self, completion: str, example: Mapping[str, Any]) -> dict[str, float]:
         """Named reward parts for one completion; the task reward is their sum (see total_reward)."""
-        fields = {k: v for k, v in example.items() if k not in ("prompt", "eval_prompt")}
-        parts: dict[str, float] = {}
-        for name, fn in self.reward_fns:
-            try:
-                parts.update(call_reward(name, fn, completion, fields))
-            except Exception as exc:  # a plug-in's bug: name it instead of a bare traceback mid-run
-                raise DllmRlError(f"reward {name!r} failed on a completion: {type(exc).__name__}: {exc}") from exc
-        return parts
+        return self.score([completion], [example], "completion")[0]
+
+    def score(
+        self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]], what: str, first_index: int = 0
+    ) -> list[dict[str, float]]:
+        """Named reward parts per completion, every value checked.
+
+        A value that is not a finite number stops with a DllmRlError naming the function, the sample
+        (``what`` and its index, from ``first_index``), a preview of the completion and the value; with
+        task.on_bad_reward=zero it counts as 0 and one warning per call says how many there were.
+        A function that raises stops with a DllmRlError naming it (the traceback stays on the chain).
+        """
+        bad: dict[str, list[str]] = {}
+        out: list[dict[str, float]] = []
+        for i, (completion, example) in enumerate(zip(completions, examples, strict=True)):
+            fields = {k: v for k, v in example.items() if k not in ("prompt", "eval_prompt")}
+            parts: dict[str, float] = {}
+            for name, fn in self.reward_fns:
+                try:
+                    value = fn(completion, **fields)
+                except Exception as exc:  # a plug-in's bug: name it instead of a bare traceback mid-run
+                    where = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', name)}"
+                    raise DllmRlError(
+                        f"reward {name!r} failed on {what} {first_index + i} ({_preview(completion)}): "
+                        f"{type(exc).__name__}: {exc} ({where}; traceback in the run's log files)"
+                    ) from exc
+                for part, raw in reward_parts(name, value).items():
+                    number = as_reward(raw)
+                    if number is None:
+                        label = describe(name, fn) + ("" if part == name else f" part {part!r}")
+                        case = f"{raw!r} for {what} {first_index + i} ({_preview(completion)})"
+                        if self.on_bad_reward == "error":
+                            raise DllmRlError(
+                                f"reward {label} returned {case}: not a finite number "
+                                "(task.on_bad_reward=zero counts such values as 0)"
+                            )
+                        bad.setdefault(label, []).append(case)
+                        number = 0.0
+                    parts[part] = number
+            out.append(parts)
+        for label, cases in bad.items():
+            log.warning(
+                "reward %s returned no finite number for %d of %d %ss, counted as 0 (task.on_bad_reward=zero); "
+                "first: %s",
+                label,
+                len(cases),
+                len(out),
+                what.split()[-1],
+                cases[0],
+            )
+        return out
 
     def reward_blind_positions(self, example: Mapping[str, Any], completion_length: int) -> list[bool] | None:
         """Completion positions whose tokens the training reward never reads for this example, as a
@@ -115,6 +168,12 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def metrics(self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """Aggregate evaluation metrics over aligned completions and examples."""
+
+
+def _preview(completion: str, chars: int = 60) -> str:
+    """The completion's first characters, quoted, for a message."""
+    text = completion if len(completion) <= chars else completion[:chars] + "..."
+    return repr(text)
 
 
 def check_split(split: str) -> None:
@@ -181,8 +240,9 @@ _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
 def read_local(path: str | Path, field: str, hf_cache: str | Path) -> datasets.Dataset:
     """Rows of a local data file or directory: JSONL, JSON, parquet, arrow, CSV, or a save_to_disk folder.
 
-    JSONL is parsed here line by line so that a malformed line is reported by its number. Raises
-    DataError naming the file and the config field it came from.
+    JSON, JSONL and CSV text is checked here line by line first, so that a malformed line is reported
+    by its number (1-based: the line of a JSON file, the row and line of a CSV file) and an empty
+    file as empty. Raises DataError naming the file (and the config field it came from).
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -202,46 +262,108 @@ def read_local(path: str | Path, field: str, hf_cache: str | Path) -> datasets.D
     if not path.is_file():
         raise DataError(f"{path}: file not found (config key {field})")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    builders = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    if suffix not in _LOCAL_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix!r} ({field}); use {', '.join(_LOCAL_SUFFIXES)}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty ({field})")
+    if suffix in (".jsonl", ".json"):
+        return read_json_rows(path, field)
+    if suffix == ".csv":
+        check_csv(path, field)
     try:
         if suffix == ".arrow":
             return datasets.Dataset.from_file(str(path))
-        if suffix not in builders:
-            raise DataError(f"{path}: unsupported file type {suffix!r} ({field}); use {', '.join(_LOCAL_SUFFIXES)}")
+        builder = {".parquet": "parquet", ".csv": "csv"}[suffix]
         kwargs: dict[str, Any] = {"keep_default_na": False} if suffix == ".csv" else {}
-        return datasets.load_dataset(
-            builders[suffix], data_files=str(path), split="train", cache_dir=str(hf_cache), **kwargs
-        )
-    except DataError:
-        raise
+        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(hf_cache), **kwargs)
     except Exception as exc:  # parser errors come as many types (pandas, pyarrow, datasets)
-        raise DataError(f"{path}: cannot read file ({field}): {exc}") from exc
+        raise DataError(f"{path}: cannot read file ({field}): {_root_cause(exc)}") from exc
 
 
-def _read_jsonl(path: Path) -> datasets.Dataset:
-    rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8", errors="strict") as f:
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause's message: datasets wraps parser errors in "An error occurred while generating"."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _text(path: Path, field: str) -> str:
+    """A data file's text; DataError naming the line of a byte that is not UTF-8, or the file if it is empty."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise DataError(f"{path} is empty ({field})")
+    return text.removeprefix("\ufeff")
+
+
+def read_json_rows(path: Path, field: str) -> datasets.Dataset:
+    """Rows of a JSON Lines file (one object per line), or of a JSON file holding an array of objects.
+
+    Parsed here, line by line, so that a malformed line is named by its 1-based number.
+    """
+    text = _text(path, field)
+    rows: list[Any]
+    if text.lstrip().startswith("["):  # one JSON array
         try:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: row {n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}: row {n}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        for n, row in enumerate(rows, start=1):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: element {n} of the array: expected a JSON object, got {type(row).__name__}")
+    else:  # JSON Lines
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                hint = " (a JSON file holds one object per line, or one array of objects)" if n == 1 else ""
+                raise DataError(f"{path}: line {n}: not valid JSON ({exc.msg} at column {exc.colno}){hint}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows ({field})")
     try:
         return datasets.Dataset.from_list(rows)
     except Exception as exc:  # arrow cannot unify the rows' types
         raise DataError(f"{path}: rows do not share one schema: {exc}") from exc
+
+
+def check_csv(path: Path, field: str) -> list[str]:
+    """The header of a CSV file whose every row has the header's number of fields.
+
+    Raises DataError naming the 1-based data row (and its line) of the first row that does not parse
+    or has another number of fields; blank lines are skipped, as the CSV reader skips them.
+    """
+    text = _text(path, field)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    n = 0
+    try:
+        for fields in reader:
+            if not fields:
+                continue
+            if header is None:
+                header = fields
+                continue
+            n += 1
+            if len(fields) != len(header):
+                raise DataError(
+                    f"{path}: row {n} (line {reader.line_num}): {len(fields)} fields, the header has "
+                    f"{len(header)} ({', '.join(header)})"
+                )
+    except csv.Error as exc:
+        raise DataError(f"{path}: row {n + 1} (line {reader.line_num}): not valid CSV ({exc})") from None
+    if header is None or n == 0:
+        raise DataError(f"{path}: no rows after the header ({field})")
+    return header
 
 
 def check_rows(

@@ -6,6 +6,11 @@ arguments, so it declares the fields it reads and takes the rest with ``**_``. I
 a mapping of named parts for a reward made of several parts; the task reward is the unweighted sum
 of all parts of all its functions (tasks.md §0.5), and every part is logged on its own.
 
+A value that is not a finite number (NaN, inf, a string, None) is a bad reward: with
+``task.on_bad_reward=error`` (the default) the run stops with one line naming the function, the sample
+and the value; with ``zero`` it counts as 0 and a warning says how often. A plug-in that raises stops
+the run with one line naming it; its traceback goes to the run's log files (README, "Tasks").
+
 Model output is untrusted input. Built-in reward functions never evaluate it as code, never raise,
 and run in time bounded by ``MAX_REWARD_CHARS``: they only ever look at that many leading characters.
 Every built-in is checked against adversarial completions in tests/test_rewards_adversarial.py,
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -84,12 +90,46 @@ def resolve_reward(spec: str, field: str = "task.rewards") -> tuple[str, RewardF
     return attr.rsplit(".", 1)[-1], fn
 
 
-def call_reward(name: str, fn: RewardFn, completion: str, example: Mapping[str, Any]) -> dict[str, float]:
-    """Named parts of one reward function's value on one completion (a float becomes {name: value})."""
-    value = fn(completion, **example)
+def reward_parts(name: str, value: Any) -> dict[str, Any]:
+    """A reward function's value as named parts, unchecked (a bare value becomes {name: value})."""
     if isinstance(value, Mapping):
-        return {str(k): float(v) for k, v in value.items()}
-    return {name: float(value)}
+        return {str(k): v for k, v in value.items()}
+    return {name: value}
+
+
+def as_reward(value: Any) -> float | None:
+    """``value`` as a finite float; None when it is not finite or not a number (a str, None, a list,
+    a tensor of several values)."""
+    if isinstance(value, str | bytes) or not hasattr(type(value), "__float__"):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def call_reward(name: str, fn: RewardFn, completion: str, example: Mapping[str, Any]) -> dict[str, float]:
+    """Named parts of one reward function's value on one completion (a float becomes {name: value}).
+
+    Raises ValueError naming the part for a value that is not a finite number (Task.reward applies
+    task.on_bad_reward instead).
+    """
+    parts: dict[str, float] = {}
+    for part, raw in reward_parts(name, fn(completion, **example)).items():
+        number = as_reward(raw)
+        if number is None:
+            raise ValueError(f"reward {name!r} part {part!r}: {raw!r} is not a finite number")
+        parts[part] = number
+    return parts
+
+
+def describe(name: str, fn: RewardFn) -> str:
+    """How a message names a reward function: 'name', plus (module:function) for a plug-in."""
+    spec = REWARDS.get(name)
+    if spec is not None and spec.fn is fn:
+        return repr(name)
+    return f"{name!r} ({getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', name)})"
 
 
 def clip_text(text: Any) -> str:

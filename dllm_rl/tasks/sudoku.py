@@ -15,7 +15,6 @@ training grids, so model selection never looks at test grids.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import hashlib
@@ -31,7 +30,16 @@ import datasets
 import numpy as np
 
 from dllm_rl.errors import ConfigError
-from dllm_rl.tasks.base import SPLITS, DataError, Task, carve_validation, check_split, register_task
+from dllm_rl.tasks.base import (
+    SPLITS,
+    DataError,
+    Task,
+    carve_validation,
+    check_csv,
+    check_split,
+    read_json_rows,
+    register_task,
+)
 from dllm_rl.tasks.rewards import RewardFn, clip_text, last_tag_content, register_reward
 
 GRID_CELLS = 16
@@ -548,24 +556,22 @@ def load_or_generate(config: SudokuConfig, cache_dir: str | Path) -> datasets.Da
 # Local files (tasks.md §4.2)
 
 
-def _csv_columns(path: Path) -> list[str]:
-    """The puzzle and solution column names in header order (matched case-insensitively)."""
-    with path.open(newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
-    wanted = [name for name in header if name.strip().lower() in ("puzzle", "solution")]
-    if sorted(name.strip().lower() for name in wanted) != ["puzzle", "solution"]:
-        raise DataError(f"{path}: header must name one Puzzle and one Solution column, got {header}")
-    return wanted
+def _read_file(path: Path, field: str, hf_cache: Path) -> datasets.Dataset:
+    """Raw rows with 'puzzle' and 'solution' columns (CSV: Puzzle,Solution in any case; JSON / JSONL).
 
-
-def _read_file(path: Path, hf_cache: Path) -> datasets.Dataset:
-    """Raw rows with 'puzzle' and 'solution' columns, via datasets.load_dataset."""
+    The text is checked line by line first (tasks/base.py): a broken line or an empty file is named.
+    """
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            columns = _csv_columns(path)
-            # Read as strings: pandas would otherwise parse "0123..." as an int and drop the zero.
-            features = datasets.Features({c: datasets.Value("string") for c in columns})
+    if suffix in (".jsonl", ".json"):
+        ds = read_json_rows(path, field)
+    elif suffix == ".csv":
+        header = check_csv(path, field)
+        columns = [name for name in header if name.strip().lower() in ("puzzle", "solution")]
+        if sorted(name.strip().lower() for name in columns) != ["puzzle", "solution"]:
+            raise DataError(f"{path}: header must name one Puzzle and one Solution column, got {header}")
+        # Read as strings: pandas would otherwise parse "0123..." as an int and drop the zero.
+        features = datasets.Features({c: datasets.Value("string") for c in columns})
+        try:
             ds = datasets.load_dataset(
                 "csv",
                 data_files=str(path),
@@ -575,15 +581,11 @@ def _read_file(path: Path, hf_cache: Path) -> datasets.Dataset:
                 features=features,
                 keep_default_na=False,
             )
-            return ds.rename_columns({c: c.strip().lower() for c in columns})
-        if suffix in (".jsonl", ".json"):
-            ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(hf_cache))
-        else:
-            raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv (Puzzle,Solution) or .jsonl")
-    except DataError:
-        raise
-    except Exception as e:  # parser errors come as many types (pandas, pyarrow, datasets)
-        raise DataError(f"{path}: cannot read file: {e}") from e
+        except Exception as e:  # parser errors come as many types (pandas, pyarrow, datasets)
+            raise DataError(f"{path}: cannot read file ({field}): {e}") from e
+        ds = ds.rename_columns({c: c.strip().lower() for c in columns})
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r} ({field}); use .csv (Puzzle,Solution) or .jsonl")
     missing = {"puzzle", "solution"} - set(ds.column_names)
     if missing:
         raise DataError(f"{path}: rows need 'puzzle' and 'solution' keys; missing {sorted(missing)}")
@@ -599,7 +601,7 @@ def load_pairs_file(path: str | Path, key: str, hf_cache: str | Path) -> dataset
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found (config key task.{key})")
-    raw = _read_file(path, Path(hf_cache))
+    raw = _read_file(path, f"task.{key}", Path(hf_cache))
     puzzles, solutions = raw["puzzle"], raw["solution"]
     for n, (puzzle, solution) in enumerate(zip(puzzles, solutions, strict=True), start=1):
         problem = row_problem(puzzle, solution)
