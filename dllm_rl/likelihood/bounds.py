@@ -2,15 +2,15 @@
 
 The primitive is log f_θ(x_i | c', z_S): the model's log-probability of the true token x_i at a
 masked completion position i, given the (possibly noised) prompt c' and the completion with the
-positions S masked (objectives.md §0.3). Every estimator below is a reduction of these values over
+positions S masked (README, "Objectives"). Every estimator below is a reduction of these values over
 R masked copies r = 1..R of a sequence, copy r scoring the positions S_r with weight w_r (the
 schedule's 1/t_r, L/|S_r|, … ; a copy that scores nothing contributes 0, i.e. 0 · (1/0) := 0).
 Write ℓ_{r,i} = log f_θ(x_i | c'_r, z_{S_r}).
 
-ELBO (linear schedule α_t = 1 − t, §2.2):
+ELBO (linear schedule α_t = 1 − t):
     ELBO(x) ≈ (1/R) Σ_r w_r Σ_{i ∈ S_r} ℓ_{r,i}.
 
-EUBO (SPG eq. 7, §3.4 step 5), evaluated in log space so that f^β never underflows:
+EUBO (SPG eq. 7), evaluated in log space so that f^β never underflows:
     log P̄_i = logsumexp_{r : i ∈ S_r} (β·ℓ_{r,i} + log w_r) − log R     (= log (1/R) Σ_r w_r 1(i∈S_r) f^β)
     U = {i : i ∈ S_r for some r}
     `sum`:        EUBO(x) ≈ Σ_{i ∈ U} (1/β)·log P̄_i
@@ -19,11 +19,11 @@ EUBO (SPG eq. 7, §3.4 step 5), evaluated in log space so that f^β never underf
 Mixture (SPG eq. 8, applied to the per-sequence values):
     Mix = ω·EUBO + (1 − ω)·ELBO.
 
-Coupled (denoiser) score over complement pairs (2j, 2j+1), §1.5 / §5.4:
+Coupled (denoiser) score over complement pairs (2j, 2j+1) (GDSD):
     S_j(x) = ½·( w_{2j} Σ_{i ∈ S_{2j}} ℓ_{2j,i} + w_{2j+1} Σ_{i ∈ S_{2j+1}} ℓ_{2j+1,i} ),
 the plain GDSD score with w ≡ 1, ESPO's coupled ELBO (GDSD-TLC) with w = 1/t, 1/(L/(L+1) − t).
 
-One-step mean-field estimate (d1, §6.1): every completion position masked, prompt masked by c',
+One-step mean-field estimate (d1): every completion position masked, prompt masked by c',
     φ_θ(x_k | c') = log softmax(f_θ(c' ⊕ M^L))_{P+k}[x_k],   log π_θ(x | c) ≈ Σ_k v_k·φ_θ(x_k | c').
 """
 

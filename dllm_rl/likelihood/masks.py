@@ -1,4 +1,4 @@
-"""Mask-sampling schedules (objectives.md §1): one family shared by every estimator.
+"""Mask-sampling schedules (README, "Objectives"): one family shared by every estimator.
 
 A schedule draws R masked copies of each sequence. Per copy it gives the completion positions
 replaced by the mask token, the positions whose log-probability is *scored* (a subset), a prompt
@@ -37,7 +37,7 @@ Weights, with n the copy's scored count (0 when n = 0, i.e. 0·(1/0) := 0):
   ``none`` 1 · ``inv_t_sampled`` 1/t · ``inv_t_empirical`` D/n (blockwise ``exclude``: D counts the
   valid positions up to the end of the chosen block) · ``inv_count`` 1/n · ``tlc`` (D+1)/n, i.e. 1/t
   and 1/(D/(D+1) − t) for a stratified coupled pair (GDSD-TLC / ESPO).
-Unbiased ELBO estimators (objectives.md §9): random+bernoulli+inv_t_sampled with t ~ U(0,1);
+Unbiased ELBO estimators (README, "Objectives"): random+bernoulli+inv_t_sampled with t ~ U(0,1);
 random+exact+inv_t_empirical; the same two coupled; stratified+coupled+tlc.
 """
 

@@ -5,13 +5,13 @@ position i predicts token i, a mask id, an EOS id and a chat template. A ``Famil
 architecture meets that contract:
 
 * ``shifted``: Dream was adapted from an autoregressive model, so its output at position i-1 predicts
-  token i; ``align_logits`` undoes that once, here, and nowhere else (objectives.md §0.2).
+  token i; ``align_logits`` undoes that once, here, and nowhere else (README, "Models").
 * ``lora_modules``: the papers' LoRA targets are named q/k/v/o/gate/up/down after Llama; LLaDA's OLMo
   code names the same matrices q_proj/k_proj/v_proj/attn_out/ff_proj/up_proj/ff_out, and its LM head
   is also called ``ff_out``. Targets are therefore translated per family and anchored inside the
   decoder layers, so the head is never adapted by accident.
 * ``specials`` and ``chat_template``: the special-token strings the tiny tokenizers mimic, and the
-  fixed chat template installed on every tokenizer of the family (LLaDA; tasks.md §0.2), or None to
+  fixed chat template installed on every tokenizer of the family (LLaDA; README, "Models"), or None to
   keep the tokenizer's own (Dream, whose template comes from its Qwen2.5 tokenizer).
 """
 
@@ -27,10 +27,10 @@ import torch
 from dllm_rl.errors import ConfigError
 from dllm_rl.models.char_tokenizer import Specials
 
-# The papers' LoRA target list (objectives.md: r 128, alpha 64, dropout 0.05), in Llama's names.
+# The papers' LoRA target list (r 128, alpha 64, dropout 0.05; README, "Models"), in Llama's names.
 CANONICAL_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# tasks.md §0.2, generalised to any list of messages: header, trimmed content, end of turn.
+# LLaDA's chat template, generalised to any list of messages: header, trimmed content, end of turn.
 LLADA_CHAT_TEMPLATE = (
     "<|startoftext|>{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
@@ -188,7 +188,7 @@ FAMILIES: dict[str, Family] = {
             "up_proj": "up_proj",
             "down_proj": "ff_out",
         },
-        # LLaDA-8B-Instruct's names; EOS and pad are both <|endoftext|> (objectives.md §0.2).
+        # LLaDA-8B-Instruct's names; EOS and pad are both <|endoftext|> (README, "Models").
         specials=Specials(
             pad="<|endoftext|>",
             bos="<|startoftext|>",
