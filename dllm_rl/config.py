@@ -168,18 +168,13 @@ class NegativeSurrogate(Enum):
     zero = "zero"
 
 
-class EuboAggregation(Enum):
-    mean_x_len = "mean_x_len"
-    sum = "sum"
-
-
 @dataclass
 class SPGCfg(ELBOCfg):
     name: str = "spg"
     negative_surrogate: NegativeSurrogate = NegativeSurrogate.mix
     beta: float = 1.5
     omega: float = 0.5
-    eubo_aggregation: EuboAggregation = EuboAggregation.mean_x_len
+    eubo_mc_samples: int | None = None
 
 
 class DMPOBaseline(Enum):
@@ -417,6 +412,13 @@ class NoiseDtype(Enum):
     float32 = "float32"
 
 
+class SamplerConfidence(Enum):
+    """The distribution confidences are measured under (the samplers' module docstrings)."""
+
+    full = "full"
+    renormalized = "renormalized"
+
+
 @dataclass
 class SamplerCfg:
     name: str = MISSING
@@ -429,6 +431,7 @@ class SamplerCfg:
     cache: SamplerCache = SamplerCache.none
     threshold: float | None = None
     max_tokens_per_step: int | None = None
+    confidence: SamplerConfidence = SamplerConfidence.full
 
 
 class DreamAlg(Enum):
@@ -440,13 +443,15 @@ class DreamAlg(Enum):
 
 @dataclass
 class DreamSamplerCfg(SamplerCfg):
-    """Dream's time-grid sampler (README, "Fast rollouts"); the cache/threshold fields do not apply to it."""
+    """Dream's time-grid sampler (README, "Fast rollouts"); the cache/threshold fields do not apply to it,
+    and its confidences exclude the mask token (``renormalized`` only)."""
 
     alg: DreamAlg = DreamAlg.entropy
     alg_temp: float = 0.0
     top_p: float | None = 0.95
     top_k: int | None = None
     eps: float = 1e-3
+    confidence: SamplerConfidence = SamplerConfidence.renormalized
 
 
 @dataclass
@@ -734,6 +739,12 @@ def validate(cfg: Any) -> None:
             "sampler.cache / sampler.threshold: the dream sampler runs without a cache or threshold "
             "(use sampler=low_confidence with sampler.remasking=entropy for those)",
         )
+        need(
+            s.get("confidence", "renormalized") in ("renormalized", SamplerConfidence.renormalized),
+            "sampler.confidence=full: the dream sampler measures confidence with the mask token excluded "
+            "(renormalized) only "
+            "(sampler=low_confidence with sampler.remasking=entropy offers full)",
+        )
         if s.get("top_p") is not None:
             need(0 < s["top_p"] <= 1, f"sampler.top_p={s['top_p']} must be in (0, 1] (null: no nucleus filter)")
         need(0 < s.get("eps", 1e-3) < 1, f"sampler.eps={s.get('eps')} must be in (0, 1)")
@@ -992,6 +1003,17 @@ def _validate_objective(o: Any, s: Any, need: Any) -> None:
     if name == "spg":
         need(o["beta"] > 0, f"objective.beta={o['beta']} must be > 0 (the EUBO's Rényi power)")
         need(0.0 <= o["omega"] <= 1.0, f"objective.omega={o['omega']} must be in [0, 1]")
+        eubo_copies = o["eubo_mc_samples"]
+        if eubo_copies is not None:
+            need(
+                eubo_copies >= copies,
+                f"objective.eubo_mc_samples={eubo_copies} must be >= objective.mc_samples={copies} "
+                "(the EUBO reuses the ELBO's copies and adds its own)",
+            )
+            need(
+                not o["mask"]["coupled"] or eubo_copies % 2 == 0,
+                f"objective.mask.coupled=true draws pairs: objective.eubo_mc_samples={eubo_copies} must be even",
+            )
     if name == "dmpo":
         _validate_mask(o["rollout_mask"], "objective.rollout_mask", o["rollout_mc_samples"], need)
         need(o["rollout_mc_samples"] >= 1, f"objective.rollout_mc_samples={o['rollout_mc_samples']} must be >= 1")

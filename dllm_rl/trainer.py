@@ -28,7 +28,7 @@ from dllm_rl import checkpoint, evaluation
 from dllm_rl.errors import DllmRlError, NonFiniteError
 from dllm_rl.likelihood.masks import mask_seed
 from dllm_rl.models.policy import Policy
-from dllm_rl.objectives.base import Objective, RolloutBatch
+from dllm_rl.objectives.base import METRIC_WEIGHT_SUFFIX, Objective, RolloutBatch, metric_weight
 from dllm_rl.preemption import StopRequests
 from dllm_rl.tasks.base import Task, total_reward
 from dllm_rl.tracking import Tracker
@@ -285,6 +285,7 @@ class Trainer:
         starts = range(0, len(batch), micro)
         losses: list[float] = []
         sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
         nonfinite_seqs = num_seqs = 0
         skipped_before = self.engine.skipped_steps
         reason: str | None = None
@@ -292,12 +293,16 @@ class Trainer:
             part = batch.select(slice(lo, lo + micro))
             loss, metrics = self.objective.loss(part, self.policy, inner_step)
             metrics = dict(metrics)
-            # Counts add up over micro-batches; every other metric is averaged.
+            # Counts add up over micro-batches; every other metric is averaged over the micro-batches
+            # that report it, weighted as the objective says (objectives.base.metric_weight).
             nonfinite_seqs += int(metrics.pop("nonfinite_seqs", 0))
             num_seqs += int(metrics.pop("num_seqs", len(part)))
             losses.append(float(loss.detach()))
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
+                if not k.endswith(METRIC_WEIGHT_SUFFIX):
+                    w = float(metrics.get(metric_weight(k), 1.0))
+                    sums[k] = sums.get(k, 0.0) + w * v
+                    weights[k] = weights.get(k, 0.0) + w
             if i == len(starts) - 1:
                 reason = self._skip_reason(losses, nonfinite_seqs, num_seqs)
                 if reason is not None:
@@ -314,17 +319,21 @@ class Trainer:
             reason = "non-finite gradient norm"
         self.last_skip_reason = reason
         # Every rank's micro-batches count alike: the logged loss and metrics are over the whole batch.
-        shares = self._gather((losses, sums, nonfinite_seqs, num_seqs))
+        shares = self._gather((losses, sums, weights, nonfinite_seqs, num_seqs))
         losses = [v for share in shares for v in share[0]]
         parts = len(losses)
-        sums = {k: sum(share[1].get(k, 0.0) for share in shares) for k in shares[0][1]}
-        nonfinite_seqs, num_seqs = sum(share[2] for share in shares), sum(share[3] for share in shares)
+        means = {}
+        for k in dict.fromkeys(k for share in shares for k in share[1]):
+            total = sum(share[2].get(k, 0.0) for share in shares)
+            if total > 0:
+                means[k] = sum(share[1].get(k, 0.0) for share in shares) / total
+        nonfinite_seqs, num_seqs = sum(share[3] for share in shares), sum(share[4] for share in shares)
         grad_norm = self.engine.get_global_grad_norm()
         return {
             "loss": sum(losses) / parts,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": float(self.engine.get_lr()[0]),
-            **{k: v / parts for k, v in sums.items()},
+            **means,
             "skipped": int(reason is not None),
             "nonfinite_seqs": nonfinite_seqs,
             "num_seqs": num_seqs,

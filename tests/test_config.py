@@ -50,9 +50,10 @@ def test_wrong_type_fails():
     assert "mc_samples" in str(info.value.__cause__ or info.value)
 
 
-def test_enum_value_is_checked():
+@pytest.mark.parametrize("override", ["sampler.remasking=sideways", "sampler.confidence=softmax"])
+def test_enum_value_is_checked(override):
     with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)):
-        _compose("sampler.remasking=sideways")
+        _compose(override)
 
 
 @pytest.mark.parametrize(
@@ -68,6 +69,7 @@ def test_enum_value_is_checked():
         (["sampler.temperature=-1"], ["sampler.temperature"]),
         (["sampler=threshold", "sampler.threshold=1.5"], ["sampler.threshold"]),
         (["sampler=entropy", "sampler.cache=prefix"], ["sampler.cache"]),
+        (["sampler=entropy", "sampler.confidence=full"], ["sampler.confidence"]),
         (["sampler=entropy", "sampler.top_p=0"], ["sampler.top_p"]),
         (["sampler.threshold=0.9", "sampler.max_tokens_per_step=0"], ["sampler.max_tokens_per_step"]),
         (["objective.omega=1.5"], ["objective.omega"]),

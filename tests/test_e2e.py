@@ -294,6 +294,11 @@ def test_every_objective_trains_the_tiny_model_without_non_finite_steps(objectiv
     for r in steps:
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]), r
         assert r["skipped"] == 0 and r["nonfinite_seq_frac"] == 0.0
+    if objective == "spg":  # the sandwich per step, over the negative-advantage samples (objectives/spg.py)
+        logged = [r for r in steps if "eubo_below_elbo_frac" in r]
+        assert logged and all(0.0 <= r["eubo_below_elbo_frac"] <= 1.0 for r in logged), steps
+        assert all(math.isfinite(r["eubo_elbo_gap_per_token"]) for r in logged)
+        assert not any(key.endswith(":weight") for r in steps for key in r)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["objective"] == objective and summary["steps"] == 2 * mu
     if objective == "gdsd":  # adaptive decoding logs how much each step committed, within the cap

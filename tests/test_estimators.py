@@ -42,16 +42,13 @@ from dllm_rl.models.positions import position_ids_from_attention_mask
 from dllm_rl.models.tiny import TinyMDLMRMSNorm
 
 
-def eubo_linear(logp, scored, weight, beta, lengths, aggregation="mean_x_len"):
+def eubo_linear(logp, scored, weight, beta, lengths):
     """The EUBO as SPG's reference computes it, in linear space: p^β, mean over copies, then log."""
     contributes = scored & (weight > 0).unsqueeze(2)
     terms = torch.where(contributes, weight.unsqueeze(2) * torch.exp(logp) ** beta, torch.zeros_like(logp))
     covered = contributes.any(dim=1)
     per_position = torch.where(covered, torch.log(terms.mean(dim=1)) / beta, torch.zeros_like(logp[:, 0]))
-    total = per_position.sum(dim=1)
-    if aggregation == "sum":
-        return total
-    return lengths * total / covered.sum(dim=1).clamp_min(1)
+    return lengths * per_position.sum(dim=1) / covered.sum(dim=1).clamp_min(1)
 
 
 def exact_count_outcomes(length: int):
@@ -84,12 +81,12 @@ def test_eubo_formula_on_a_hand_example():
     log_p1 = math.log(2 * math.exp(-4.0) / r)
     total = (log_p0 + log_p1) / beta  # position 2 is scored only by the weight-0 copy, so it is not in U
     lengths = torch.tensor([5.0], dtype=torch.float64)
-    assert float(eubo(logp, scored, weight, beta, lengths, "sum")[0]) == pytest.approx(total, abs=1e-12)
-    assert float(eubo(logp, scored, weight, beta, lengths)[0]) == pytest.approx(5 * total / 2, abs=1e-12)
+    # L_x = 5 terms: the two covered ones, and three uncovered ones that each take their mean.
+    assert float(eubo(logp, scored, weight, beta, lengths)[0]) == pytest.approx(total + 3 * total / 2, abs=1e-12)
     nothing = torch.zeros_like(scored)
     assert eubo(logp, nothing, weight, beta, lengths).tolist() == [0.0]
     with pytest.raises(ValueError):
-        eubo(logp, scored, weight, beta, lengths, "mean")
+        eubo(logp, scored, weight, 0.0, lengths)
 
 
 def test_estimators_never_read_unscored_entries():
@@ -144,8 +141,7 @@ def test_mixture_and_sequence_reductions():
 # -------------------------------------------------------------------------- log space vs linear space
 
 
-@pytest.mark.parametrize("aggregation", ["mean_x_len", "sum"])
-def test_eubo_log_space_matches_linear_space(aggregation):
+def test_eubo_log_space_matches_linear_space():
     g = torch.Generator().manual_seed(1)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         logp = (-torch.rand(6, 3, 7, generator=g, dtype=torch.float64) * 4).to(dtype)
@@ -155,8 +151,8 @@ def test_eubo_log_space_matches_linear_space(aggregation):
         weight[1, 0] = 0.0
         lengths = torch.randint(1, 8, (6,), generator=g).to(dtype)
         for beta in (1.0, 1.5, 2.0, 7.0):
-            got = eubo(logp, scored, weight, beta, lengths, aggregation)
-            ref = eubo_linear(logp, scored, weight, beta, lengths, aggregation)
+            got = eubo(logp, scored, weight, beta, lengths)
+            ref = eubo_linear(logp, scored, weight, beta, lengths)
             assert got.dtype == dtype and got[0] == 0
             torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
 
@@ -168,10 +164,10 @@ def test_eubo_stays_finite_where_linear_space_underflows(dtype):
     logp[0, 1, 0] = -1e4 + 3.0
     scored = torch.tensor([[[True, True, False], [True, False, False]]])
     weight = torch.tensor([[2.0, 4.0]], dtype=dtype)
-    beta, lengths = 2.0, torch.tensor([3.0], dtype=dtype)
-    assert not bool(torch.isfinite(eubo_linear(logp, scored, weight, beta, lengths, "sum")).all())
+    beta, lengths = 2.0, torch.tensor([2.0], dtype=dtype)  # L_x = |U| = 2: the plain sum of the two terms
+    assert not bool(torch.isfinite(eubo_linear(logp, scored, weight, beta, lengths)).all())
     logp.requires_grad_()
-    got = eubo(logp, scored, weight, beta, lengths, "sum")
+    got = eubo(logp, scored, weight, beta, lengths)
     # Position 0: (1/β)·(logsumexp_r(β·logp_r + log w_r) − log R); position 1: one copy; position 2: none.
     a, b = beta * -1e4 + math.log(2.0), beta * (-1e4 + 3.0) + math.log(4.0)
     pos0 = (b + math.log1p(math.exp(a - b)) - math.log(2)) / beta
@@ -211,9 +207,8 @@ def test_library_eubo_with_every_subset_as_a_copy_is_exact():
         lengths = torch.tensor([float(length)], dtype=torch.float64)
         for beta in (1.0, 2.5):
             exact = exact_eubo(table, beta)
-            for aggregation in ("sum", "mean_x_len"):  # every position is scored, so both agree here
-                got = eubo(table[1:][None], masks[None], weight[None], beta, lengths, aggregation)
-                assert float(got[0]) == pytest.approx(exact, abs=1e-10)
+            got = eubo(table[1:][None], masks[None], weight[None], beta, lengths)
+            assert float(got[0]) == pytest.approx(exact, abs=1e-10)
 
 
 def test_bounds_on_random_tables():
@@ -303,7 +298,7 @@ def test_eubo_mc_is_jensen_below_eq7_and_tightens_with_more_copies(table4):
 
     def values(base):
         index, weight, _ = _pair_copies(base, length)
-        return eubo(table4[index], masks[index], weight, beta, _lengths(base.shape[0], length), "sum")
+        return eubo(table4[index], masks[index], weight, beta, _lengths(base.shape[0], length))
 
     prob = tlc_pair_law(length)[0]
     gaps = []
@@ -324,25 +319,29 @@ def test_eubo_mc_is_jensen_below_eq7_and_tightens_with_more_copies(table4):
 
 
 def test_eubo_mc_with_independent_copies_converges(table4):
-    # Independent exact-count copies: a position no copy scores leaves U instead of contributing log 0,
-    # so with few copies the estimate sits *above* eq. 7 (no Jensen bound); it converges as m grows.
+    # Independent exact-count copies: with one or two copies the few covered positions carry large
+    # weights L/n and the estimate sits above eq. 7; from m = 8 on the log of the average pulls it below
+    # (Jensen), and it converges as m grows.
     length, beta = 4, 1.5
     masks = subset_masks(length)
     prob, weight = exact_count_law(length)
     exact = exact_eubo(table4, beta)
 
     def values(index):
-        return eubo(table4[index], masks[index], weight[index], beta, _lengths(index.shape[0], length), "sum")
+        return eubo(table4[index], masks[index], weight[index], beta, _lengths(index.shape[0], length))
 
     one = torch.arange(2**length)[:, None]
     gap1 = exact - float((prob * values(one)).sum())
     two = torch.cartesian_prod(torch.arange(2**length), torch.arange(2**length))
     gap2 = exact - float((prob[two[:, 0]] * prob[two[:, 1]] * values(two)).sum())
     g = torch.Generator().manual_seed(7)
-    v = values(torch.multinomial(prob, 20_000 * 32, replacement=True, generator=g).reshape(20_000, 32))
-    gap32, se32 = exact - float(v.mean()), float(v.std()) / math.sqrt(v.numel())
-    assert gap1 < gap2 < 0, (gap1, gap2)
-    assert abs(gap32) + 4 * se32 < abs(gap2) / 4, (gap2, gap32, se32)
+    sampled = []
+    for m in (8, 32):
+        v = values(torch.multinomial(prob, 20_000 * m, replacement=True, generator=g).reshape(20_000, m))
+        sampled.append((exact - float(v.mean()), float(v.std()) / math.sqrt(v.numel())))
+    (gap8, se8), (gap32, se32) = sampled
+    assert gap1 < gap2 < 0 < gap8 - 4 * se8, (gap1, gap2, gap8, se8)
+    assert 0 < gap32 - 4 * se32 and gap32 + 4 * se32 < gap8 / 3, (gap8, gap32, se32)
 
 
 # ------------------------------------------------------------------------------ coupled ELBO
@@ -403,11 +402,7 @@ def _enumerated_expectations(table: torch.Tensor) -> dict[str, torch.Tensor]:
     p_two = prob[two[:, 0]] * prob[two[:, 1]]
     out = {
         "elbo": (prob[one[:, 0]] * elbo(table[one], masks[one], weight[one])).sum(),
-        # One copy: EUBO is linear in log f, and with `mean_x_len` it is the ELBO plus a constant; `sum`
-        # (the unweighted masked sum plus a constant) is the case that differs.
-        "eubo_m1": (
-            prob[one[:, 0]] * eubo(table[one], masks[one], weight[one], 1.5, _lengths(one.shape[0], length), "sum")
-        ).sum(),
+        # (One copy would add nothing: EUBO is then linear in log f and its gradient is the ELBO's.)
         "eubo_m2": (p_two * eubo(table[two], masks[two], weight[two], 1.5, _lengths(two.shape[0], length))).sum(),
     }
     index, pair_weight, pair_prob = _pair_copies(torch.arange(2**length)[:, None], length)

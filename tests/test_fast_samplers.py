@@ -60,10 +60,18 @@ def other_token(policy: Policy) -> int:
 
 
 def reference_greedy(
-    policy: Policy, prompt: list[int], gen: int, block: int, steps: int, remasking: str, counts: list[int] | None = None
+    policy: Policy,
+    prompt: list[int],
+    gen: int,
+    block: int,
+    steps: int,
+    remasking: str,
+    counts: list[int] | None = None,
+    confidence: str = "full",
 ) -> list[int]:
     """Greedy LLaDA decoding of one unpadded prompt, one position at a time, straight from samplers.md §1
-    (``counts``: the tokens revealed per step of a block, LLaDA's even split by default)."""
+    (``counts``: the tokens revealed per step of a block, LLaDA's even split by default; ``confidence``:
+    p over the whole vocabulary, or with the mask token excluded first)."""
     mask = policy.mask_id
     x = list(prompt) + [mask] * gen
     per_block = steps // (gen // block)
@@ -81,8 +89,10 @@ def reference_greedy(
                 if x[i] != mask:
                     continue
                 z = logits[i].clone()
-                z[mask] = -math.inf
+                if confidence == "renormalized":
+                    z[mask] = -math.inf
                 p = torch.softmax(z, dim=0)
+                z[mask] = -math.inf  # never proposed
                 token = int(torch.argmax(z))
                 if remasking == "low_confidence":
                     c = float(p[token])
@@ -140,7 +150,9 @@ def test_dream_greedy_equals_step_by_step_reference(alg, remasking):
     assert out.nfe == 4
     for row in range(2):
         prompt = ids[row][attn[row].bool()].tolist()
-        expected = reference_greedy(policy, prompt, 8, 8, 4, remasking, counts=reveal_counts(8, 4, 1e-3))
+        expected = reference_greedy(
+            policy, prompt, 8, 8, 4, remasking, counts=reveal_counts(8, 4, 1e-3), confidence="renormalized"
+        )
         assert out.completion_ids[row].tolist() == expected
 
 

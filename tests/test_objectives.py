@@ -115,7 +115,6 @@ def test_spg_gradient_with_one_positive_and_one_negative_sample(surrogate):
         "negative_surrogate": surrogate,
         "beta": beta,
         "omega": omega,
-        "eubo_aggregation": "mean_x_len",
     }
     objective = get_objective(cfg, seed=3, group_size=2, micro_batch=2)
     batch = make_batch(objective, [1.0, 0.0])  # A = (+0.5, −0.5)
@@ -125,7 +124,7 @@ def test_spg_gradient_with_one_positive_and_one_negative_sample(surrogate):
 
     # Hand derivation. With a mask-independent denoiser, for sample j and its copies τ:
     #   ∇ELBO_j = (1/m) Σ_τ w_τ Σ_{i∈S_τ} ∇ℓ_i,   and (1/β)·log P̄_i = ℓ_i + const, so
-    #   ∇EUBO_j = (L_j/|S_j|) Σ_{i∈S_j} ∇ℓ_i   (mean_x_len), S_j = positions scored by some copy.
+    #   ∇EUBO_j = (L_j/|S_j|) Σ_{i∈S_j} ∇ℓ_i, S_j = positions scored by some copy.
     masks = objective.draw_masks(batch, 0, 2)
     a = batch.advantages.double()
     expected = torch.zeros_like(policy.theta)
@@ -153,7 +152,7 @@ def test_spg_per_sequence_norm_and_elbo_objective_match():
     policy = TablePolicy(1)
     base = {**COMMON, "mc_samples": 2, "mask": BLOCKWISE, "loss_norm": "per_sequence"}
     spg = get_objective(
-        {**base, "name": "spg", "negative_surrogate": "elbo", "beta": 1.0, "omega": 0.5, "eubo_aggregation": "sum"},
+        {**base, "name": "spg", "negative_surrogate": "elbo", "beta": 1.0, "omega": 0.5},
         seed=5,
         group_size=2,
         micro_batch=4,
@@ -186,7 +185,6 @@ def test_spg_eubo_stays_finite_when_probabilities_underflow():
         "negative_surrogate": "eubo",
         "beta": 2.0,
         "omega": 0.5,
-        "eubo_aggregation": "mean_x_len",
     }
     objective = get_objective(cfg, seed=0, group_size=2, micro_batch=2)
     batch = make_batch(objective, [0.0, 1.0], completions=[[4 - 1] * L, [3] * L])

@@ -10,11 +10,14 @@ Write ℓ_{r,i} = log f_θ(x_i | c'_r, z_{S_r}).
 ELBO (linear schedule α_t = 1 − t):
     ELBO(x) ≈ (1/R) Σ_r w_r Σ_{i ∈ S_r} ℓ_{r,i}.
 
-EUBO (SPG eq. 7), evaluated in log space so that f^β never underflows:
+EUBO (SPG eq. 7: EUBO_β = Σ_{i=1}^{L_x} (1/β)·log E[w·1(i∈S)·f(x_i | z_S)^β]), in log space so that
+f^β never underflows:
     log P̄_i = logsumexp_{r : i ∈ S_r} (β·ℓ_{r,i} + log w_r) − log R     (= log (1/R) Σ_r w_r 1(i∈S_r) f^β)
     U = {i : i ∈ S_r for some r}
-    `sum`:        EUBO(x) ≈ Σ_{i ∈ U} (1/β)·log P̄_i
-    `mean_x_len`: EUBO(x) ≈ L_x · (1/|U|) Σ_{i ∈ U} (1/β)·log P̄_i      (reference code; 0 when U = ∅)
+    EUBO(x) ≈ Σ_{i ∈ U} (1/β)·log P̄_i + (L_x − |U|)·(mean over U) = L_x · (1/|U|) Σ_{i ∈ U} (1/β)·log P̄_i
+A position no copy scores has P̄_i = 0 (log −∞): the draw holds no estimate of its term, so it takes
+the mean term of the covered positions, which is SPG's reference code (0 when U = ∅). The log of
+an average is biased low (Jensen), by less as R grows; docs/estimators.md has the measured bias.
 
 Mixture (SPG eq. 8, applied to the per-sequence values):
     Mix = ω·EUBO + (1 − ω)·ELBO.
@@ -39,8 +42,6 @@ from dllm_rl.likelihood.masks import MaskDraw
 from dllm_rl.models.positions import position_ids_from_attention_mask
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-EUBO_AGGREGATIONS = ("mean_x_len", "sum")
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -160,16 +161,19 @@ def eubo(
     weight: torch.Tensor,
     beta: float,
     lengths: torch.Tensor,
-    aggregation: str = "mean_x_len",
 ) -> torch.Tensor:
-    """Per-sequence EUBO estimate [N] in log space (see the module docstring).
+    """Per-sequence EUBO estimate [N]: L_x times the mean of (1/β)·log P̄_i over the covered positions U.
 
-    lengths [N] is L_x, the scale of the `mean_x_len` aggregation (ignored by `sum`). A copy with
-    weight 0 contributes nothing to any position, like an unscored one. Value and gradient stay
-    finite whenever the log-probabilities of the contributing entries are finite.
+    lengths [N] is L_x, the number of positions eq. 7 sums over. Eq. 7 has one term per position; a
+    position that no copy scores has the estimate P̄_i = 0 of its inner expectation, whose log is
+    −∞, so it takes the mean term of the covered positions instead (this is SPG's reference code,
+    which averages over the tokens masked at least once and multiplies by the length). Scoring it 0,
+    as a sum over U alone does, puts in the largest value a term can take (E[w·1(i∈S)] = 1 under
+    an ELBO schedule and f ≤ 1, so every exact term is ≤ 0) and biases the estimate upward, by more
+    the fewer positions the copies cover. A copy with weight 0 contributes nothing to any position,
+    like an unscored one. Value and gradient stay finite whenever the log-probabilities of the
+    contributing entries are finite; 0 when no position is covered.
     """
-    if aggregation not in EUBO_AGGREGATIONS:
-        raise ValueError(f"eubo aggregation={aggregation!r}; expected one of {EUBO_AGGREGATIONS}")
     if beta <= 0:
         raise ValueError(f"eubo needs beta > 0, got {beta}")
     n_copies = logp.shape[1]
@@ -185,11 +189,8 @@ def eubo(
     terms = torch.where(covered.unsqueeze(1), terms, torch.zeros_like(terms))
     log_pbar = torch.logsumexp(terms, dim=1) - math.log(n_copies)  # [N, L]
     per_position = torch.where(covered, log_pbar / beta, torch.zeros_like(log_pbar))
-    total = per_position.sum(dim=1)
-    if aggregation == "sum":
-        return total
-    count = covered.sum(dim=1)
-    return lengths.to(total.dtype) * total / count.clamp_min(1).to(total.dtype)
+    count = covered.sum(dim=1).clamp_min(1).to(per_position.dtype)
+    return lengths.to(per_position.dtype) * per_position.sum(dim=1) / count
 
 
 def mixture(v_eubo: torch.Tensor, v_elbo: torch.Tensor, omega: float) -> torch.Tensor:

@@ -226,6 +226,20 @@ def dropout_active(model: torch.nn.Module, training: bool | None = None) -> bool
     return False
 
 
+METRIC_WEIGHT_SUFFIX = ":weight"
+
+
+def metric_weight(name: str) -> str:
+    """The metrics key that weights metric ``name`` across micro-batches (and ranks).
+
+    The trainer logs each metric as the mean over the micro-batches that report it, each with weight
+    1 unless ``loss`` also returns ``metrics[metric_weight(name)]``, e.g. the number of samples the
+    micro-batch's value averages over; a metric over a subset of samples (the negative-advantage ones)
+    is then the mean over that subset of the whole batch. Weight keys are not logged themselves.
+    """
+    return name + METRIC_WEIGHT_SUFFIX
+
+
 def finite_or_zero(values: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Per-sequence surrogates with NaN/inf entries replaced by 0, and how many there were (§0.10)."""
     finite = torch.isfinite(values)

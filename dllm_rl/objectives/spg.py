@@ -7,11 +7,18 @@ down through its upper bound maximises a lower bound of the group objective. Per
 masked copies τ (block-wise by default), w_τ = 1/t_τ and the scored positions S_τ:
 
     V⁺_j   = (1/m) Σ_τ w_τ Σ_{i∈S_τ} log π_θ(x_i | c'_τ, z_τ)                          (ELBO, sequence scale)
-    log P̄_i = log[(1/m) Σ_{τ: i∈S_τ} w_τ π_θ(x_i | ·)^β]       (computed with logsumexp: no underflow)
-    V^EUBO_j = L_j · mean_{i∈S_j} (1/β) log P̄_i   (mean_x_len)   or   Σ_{i∈S_j} (1/β) log P̄_i   (sum)
+    log P̄_i = log[(1/m') Σ_{τ: i∈S_τ} w_τ π_θ(x_i | ·)^β]      (computed with logsumexp: no underflow)
+    V^EUBO_j = L_j · mean_{i∈S_j} (1/β) log P̄_i     (S_j: positions some copy scores; the rest take the mean)
     V⁻_j   = eubo: V^EUBO_j | mix: ω·V^EUBO_j + (1−ω)·V⁺_j | elbo: V⁺_j | zero: 0
 
     loss = Σ_j (−A_j·V_j) / Σ_j L_j   (token_weighted, reference code)   or   (1/N) Σ_j (−A_j·V_j)   (per_sequence)
+
+The EUBO averages over m' = ``eubo_mc_samples`` copies (default m, the paper): the ELBO's m copies
+and m' − m more drawn under their own seeds, all in one forward. The log of an m'-copy average is
+biased low, so at m' = 2 the "upper" bound sits below log π on average (docs/estimators.md measures
+by how much per mask schedule); more copies move it toward eq. 7 (itself an upper bound of log π
+only for β ≥ L). Logged per step over the negative-advantage samples: ``eubo_below_elbo_frac``
+(V^EUBO_j < V⁺_j, the sandwich inverted) and ``eubo_elbo_gap_per_token`` (mean of (V^EUBO_j − V⁺_j)/L_j).
 
 ``objective=elbo`` is the same loss with V⁻ = V⁺: for A_j < 0 it lowers a *lower* bound of log π,
 which guarantees nothing about log π — the gap SPG closes. No ratio, clip, KL or reference model;
@@ -27,7 +34,15 @@ from typing import Any
 import torch
 
 from dllm_rl.likelihood.bounds import elbo, eubo, mixture
-from dllm_rl.objectives.base import Objective, RolloutBatch, finite_or_zero, option, register_objective
+from dllm_rl.likelihood.masks import concat_draws
+from dllm_rl.objectives.base import (
+    Objective,
+    RolloutBatch,
+    finite_or_zero,
+    metric_weight,
+    option,
+    register_objective,
+)
 
 
 @register_objective("spg")
@@ -46,16 +61,23 @@ class SPGObjective(Objective):
         self._first_elbo = {int(k): float(v) for k, v in state.get("first_elbo", {}).items()}
 
     def loss(self, batch: RolloutBatch, policy: Any, inner_step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        masks = self.draw_masks(batch, inner_step, int(self.cfg["mc_samples"]))
-        logp = self.logp(policy.logits, batch, masks, policy.mask_id)
+        m = int(self.cfg["mc_samples"])
+        masks = self.draw_masks(batch, inner_step, m)
+        surrogate = self.negative_surrogate()
+        needs_eubo = surrogate in ("eubo", "mix")
+        eubo_copies = self.cfg.get("eubo_mc_samples") or m
+        # The EUBO's extra copies come from their own slot, so the ELBO's m copies are those drawn
+        # without them (block-wise copies stay on distinct blocks).
+        every = masks
+        if needs_eubo and eubo_copies > m:
+            every = concat_draws([masks, self.draw_masks(batch, inner_step, eubo_copies - m, slot="eubo")])
+        logp = self.logp(policy.logits, batch, every, policy.mask_id)
         lengths = batch.completion_mask.sum(dim=1).clamp_min(1).to(logp.dtype)
         a = batch.advantages.to(logp.dtype)
-        v_pos = elbo(logp, masks.scored, masks.weight)
-        surrogate = self.negative_surrogate()
+        v_pos = elbo(logp[:, :m], masks.scored, masks.weight)
         v_eubo = None
-        if surrogate in ("eubo", "mix"):
-            beta = float(self.cfg["beta"])
-            v_eubo = eubo(logp, masks.scored, masks.weight, beta, lengths, option(self.cfg, "eubo_aggregation"))
+        if needs_eubo:
+            v_eubo = eubo(logp, every.scored, every.weight, float(self.cfg["beta"]), lengths)
         if surrogate == "eubo":
             v_neg = v_eubo
         elif surrogate == "mix":
@@ -80,8 +102,13 @@ class SPGObjective(Objective):
             "num_seqs": len(batch),
         }
         if v_eubo is not None and bool(negative.any()):
-            gap = ((v_eubo.detach() - v_pos.detach()) / lengths)[negative]
-            metrics["eubo_elbo_gap_per_token"] = float(gap.nan_to_num().mean())
+            upper, lower = v_eubo.detach()[negative], v_pos.detach()[negative]
+            n_negative = float(negative.sum())
+            # Means over this micro-batch's negative samples, weighted by their count across micro-batches.
+            metrics["eubo_elbo_gap_per_token"] = float(((upper - lower) / lengths[negative]).nan_to_num().mean())
+            metrics[metric_weight("eubo_elbo_gap_per_token")] = n_negative
+            metrics["eubo_below_elbo_frac"] = float((upper < lower).float().mean())
+            metrics[metric_weight("eubo_below_elbo_frac")] = n_negative
         self._track_drift(batch, per_token, inner_step, metrics)
         return loss, metrics
 

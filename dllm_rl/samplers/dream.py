@@ -13,7 +13,9 @@ a token drawn from softmax(z/τ) restricted by top-p and top-k (argmax at τ = 0
 where M_t is the number of masked positions (every row has the same, as every row reveals the same
 count); the last step reveals all that remain. ``alg_temp > 0`` draws the revealed positions from
 softmax(confidence/alg_temp) instead of taking the top ones. Confidence uses the same filtered,
-tempered distribution the token is drawn from (LLaDA's sampler uses the untempered one).
+tempered distribution the token is drawn from (LLaDA's sampler uses the untempered one), with the mask
+token excluded before the filters: ``confidence: renormalized`` of the LLaDA sampler, the only one this
+sampler implements (Dream's own code leaves the mask token in).
 
 ``block_length < gen_length`` is the block variant (Fast-dLLM / dLLM-RL): blocks left to right, each
 with T/(L/B) steps of its own grid. The number of forwards is always T, so ranks stay in lockstep.
@@ -72,9 +74,12 @@ class DreamSampler:
         top_k: int | None = None,
         eps: float = 1e-3,
         noise_dtype: str = "float64",
+        confidence: str = "renormalized",
         **_: object,
     ) -> None:
         alg = getattr(alg, "value", alg)
+        if getattr(confidence, "value", confidence) != "renormalized":
+            raise ValueError(f"confidence={confidence!r}: the dream sampler implements renormalized only")
         if gen_length % block_length != 0:
             raise ValueError(f"gen_length={gen_length} is not a multiple of block_length={block_length}")
         if steps % (gen_length // block_length) != 0:

@@ -2,16 +2,32 @@
 
 x starts as prompt ⊕ M^L. The completion is split into L/B blocks decoded left to right, each in
 s = T/(L/B) steps. At step j of a block every masked position gets a proposal
-x̂ = argmax(z/τ + g), g ~ Gumbel(0, 1) (a sample from softmax(z/τ); plain argmax at τ = 0), and the
-n_j proposals with the highest confidence are committed, where n_j spreads the block's masked count
-evenly over its steps (the linear schedule α_t = 1 − t). Committed tokens are never re-masked,
-positions outside the current block are never committed, and the mask token is never proposed.
+x̂ = argmax_{v ≠ M}(z_v/τ + g_v), g ~ Gumbel(0, 1) (a sample from softmax(z/τ) with the mask token M
+excluded; plain argmax over v ≠ M at τ = 0), and the n_j proposals with the highest confidence are
+committed, where n_j = ⌊k/s⌋ + 1[j < k mod s] spreads the block's k masked positions over its s steps
+(the linear schedule α_t = 1 − t). Committed tokens are never re-masked, positions outside the current
+block are never committed, and the mask token is never proposed.
 
-Confidence (``remasking``), all under the untempered distribution p = softmax(z), as LLaDA does:
+Confidence (``remasking``), all under the untempered distribution p that ``confidence`` names:
   low_confidence  p[x̂]                       (LLaDA)
   random          u ~ U(0, 1)                 (random order at the same per-step counts)
   entropy         −H(p)                       (Dream's ``entropy`` order)
   margin          p_top1 − p_top2             (Dream's ``topk_margin`` order)
+and the threshold below compares p[x̂] with τ_thr.
+
+``confidence`` (docs/RESULTS.md, "Sampler confidence", measures the two; full is the default):
+  full            p = softmax(z) over the whole vocabulary, the mask token included, as LLaDA's
+                  generate() and Fast-dLLM's samplers compute it: p[x̂] = e^{z_x̂} / Σ_v e^{z_v} (entropy
+                  and margin also count p[M]). Given the same logits and noise this commits what LLaDA
+                  commits, token for token, wherever the mask token does not win LLaDA's argmax. Where
+                  it does (argmax over all v of z_v/τ + g_v, or of z_v at τ = 0, is M), LLaDA would
+                  commit M itself, which leaves the position masked and uses up one of the step's n_j
+                  commits; here x̂ is instead the best token other than M under the same noise, ranked
+                  by its own full-softmax p[x̂].
+  renormalized    p = softmax(z) with z_M = −∞, i.e. p[x] / (1 − p[M]) for x ≠ M: the mask token's mass
+                  is spread over the other tokens before anything is measured. Equal to full when the
+                  model gives M no mass; otherwise each p[x̂] is inflated by 1/(1 − p[M]) of its own
+                  position, which reorders positions whose p[M] differ.
 
 Speed-ups (samplers.md §3), independent of each other:
   cache: prefix   a full forward at each block start fills a key/value cache; the block's other steps
@@ -49,6 +65,7 @@ LogitsFn = Callable[..., torch.Tensor]
 
 REMASKING = ("low_confidence", "random", "entropy", "margin")
 CACHES = ("none", "prefix", "dual")
+CONFIDENCES = ("full", "renormalized")
 
 
 def commit_counts(masked_in_block: torch.Tensor, steps: int) -> torch.Tensor:
@@ -98,9 +115,11 @@ class LowConfidenceSampler:
         cache: str = "none",
         threshold: float | None = None,
         max_tokens_per_step: int | None = None,
+        confidence: str = "full",
         **_: object,
     ) -> None:
         remasking, cache = getattr(remasking, "value", remasking), getattr(cache, "value", cache)
+        confidence = getattr(confidence, "value", confidence)
         if gen_length % block_length != 0:
             raise ValueError(f"gen_length={gen_length} is not a multiple of block_length={block_length}")
         blocks = gen_length // block_length
@@ -110,6 +129,8 @@ class LowConfidenceSampler:
             raise ValueError(f"remasking={remasking!r} must be one of {', '.join(REMASKING)}")
         if cache not in CACHES:
             raise ValueError(f"cache={cache!r} must be one of {', '.join(CACHES)}")
+        if confidence not in CONFIDENCES:
+            raise ValueError(f"confidence={confidence!r} must be one of {', '.join(CONFIDENCES)}")
         if threshold is not None and not 0.0 < float(threshold) <= 1.0:
             raise ValueError(f"threshold={threshold} must be in (0, 1] (or null for the fixed schedule)")
         if max_tokens_per_step is not None and int(max_tokens_per_step) < 1:
@@ -123,17 +144,33 @@ class LowConfidenceSampler:
         self.cache = cache
         self.threshold = None if threshold is None else float(threshold)
         self.max_tokens_per_step = None if max_tokens_per_step is None else int(max_tokens_per_step)
+        self.confidence = confidence
 
     @property
     def fixed_tokens_per_step(self) -> float:
         """Tokens per step of the fixed schedule, B / s (what adaptive decoding is compared with)."""
         return self.block_length / (self.steps // (self.gen_length // self.block_length))
 
+    def _propose(
+        self, logits: torch.Tensor, mask_id: int, tau: float, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂, p) of every position: the proposal [B, block] and the distribution p [B, block, V] that its
+        confidence is measured under (``confidence``; the module docstring). Overwrites ``logits``."""
+        if self.confidence == "renormalized":
+            logits[..., mask_id] = -torch.inf
+        probs = torch.softmax(logits, dim=-1)
+        # Committing the mask token would leave the position open and the output incomplete.
+        logits[..., mask_id] = -torch.inf
+        if tau > 0:
+            u = torch.rand(logits.shape, generator=generator, dtype=self.noise_dtype, device=logits.device)
+            gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(self.noise_dtype).tiny)))
+            return torch.argmax(logits / tau + gumbel, dim=-1), probs
+        return torch.argmax(logits, dim=-1), probs
+
     def _confidence(
-        self, logits: torch.Tensor, proposal: torch.Tensor, generator: torch.Generator | None
+        self, probs: torch.Tensor, proposal: torch.Tensor, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ordering confidence, p[x̂]) of every proposal, both [B, block]."""
-        probs = torch.softmax(logits, dim=-1)
         p_proposal = probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
         if self.remasking == "low_confidence":
             return p_proposal, p_proposal
@@ -141,10 +178,7 @@ class LowConfidenceSampler:
             u = torch.rand(proposal.shape, generator=generator, dtype=self.noise_dtype, device=proposal.device)
             return u, p_proposal
         if self.remasking == "entropy":
-            logp = torch.log_softmax(logits, dim=-1)
-            # 0 * log 0 := 0 (the suppressed mask token has p = 0 and logp = -inf)
-            plogp = torch.where(probs > 0, probs * logp, torch.zeros_like(probs))
-            return plogp.sum(dim=-1), p_proposal
+            return torch.special.xlogy(probs, probs).sum(dim=-1), p_proposal  # −H(p), with 0 log 0 = 0
         top2 = probs.topk(2, dim=-1).values
         return top2[..., 0] - top2[..., 1], p_proposal
 
@@ -204,16 +238,8 @@ class LowConfidenceSampler:
                     logits = logits_fn(x, attn, positions, kv_cache=cache, window=(lo, end))[:, :block]
                     forward_tokens += end - lo
                 nfe += 1
-                logits = logits.to(self.noise_dtype)
-                # Committing the mask token would leave the position open and the output incomplete.
-                logits[..., mask_id] = -torch.inf
-                if tau > 0:
-                    u = torch.rand(logits.shape, generator=generator, dtype=self.noise_dtype, device=device)
-                    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(self.noise_dtype).tiny)))
-                    proposal = torch.argmax(logits / tau + gumbel, dim=-1)
-                else:
-                    proposal = torch.argmax(logits, dim=-1)
-                confidence, p_proposal = self._confidence(logits, proposal, generator)
+                proposal, probs = self._propose(logits.to(self.noise_dtype), mask_id, tau, generator)
+                confidence, p_proposal = self._confidence(probs, proposal, generator)
                 if adaptive:
                     # Above the threshold, plus the most confident position of every row that has any.
                     best = torch.where(masked, confidence, torch.full_like(confidence, -torch.inf)).argmax(dim=1)
