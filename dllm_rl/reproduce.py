@@ -458,24 +458,24 @@ def _mean_sd(g: Group) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the papers
-# (task, main-table row) -> (paper's score, paper's base, where): ../shared/spec/results.md. SPG's rows
+# (task, main-table row) -> (paper's score, paper's base, where), read off the papers' tables. SPG's rows
 # are averages over lengths 128/256/512 (SPG Tables 1/8/10); DMPO and GDSD's come from the GDSD paper's
-# table (§5.1, "best"), which gives no base model row.
+# LLaDA-8B-Instruct results ("best" values), which give no base model row.
 PAPER_MAIN: dict[tuple[str, str], tuple[float, float | None, str]] = {
     ("sudoku", "spg (mix)"): (90.0, 19.9, "SPG T1, avg"),
     ("sudoku", "spg (eubo)"): (86.1, 19.9, "SPG T1, avg"),
     ("sudoku", "elbo"): (82.4, 19.9, "SPG T10 (w/ ELBO), avg"),
     ("sudoku", "diffu_grpo"): (23.0, 19.9, "SPG T1 (D1 re-run), avg"),
     ("sudoku", "wd1"): (29.2, 19.9, "SPG T1 (WD1 re-run), avg"),
-    ("sudoku", "gdsd"): (89.8, None, "GDSD §5.1, best"),
-    ("sudoku", "dmpo"): (32.8, None, "GDSD §5.1, best"),
+    ("sudoku", "gdsd"): (89.8, None, "GDSD, LLaDA table, best"),
+    ("sudoku", "dmpo"): (32.8, None, "GDSD, LLaDA table, best"),
     ("countdown", "spg (mix)"): (69.9, 17.5, "SPG T1, avg"),
     ("countdown", "spg (eubo)"): (69.3, 17.5, "SPG T1, avg"),
     ("countdown", "elbo"): (67.1, 17.5, "SPG T10 (w/ ELBO), avg"),
     ("countdown", "diffu_grpo"): (32.1, 17.5, "SPG T1 (D1 re-run), avg"),
     ("countdown", "wd1"): (50.6, 17.5, "SPG T1 (WD1 re-run), avg"),
-    ("countdown", "gdsd"): (84.0, None, "GDSD §5.1, best"),
-    ("countdown", "dmpo"): (82.8, None, "GDSD §5.1, best"),
+    ("countdown", "gdsd"): (84.0, None, "GDSD, LLaDA table, best"),
+    ("countdown", "dmpo"): (82.8, None, "GDSD, LLaDA table, best"),
 }
 # pairwise claims of the main comparison: (A, B, source); the paper's A - B comes from PAPER_MAIN
 MAIN_CLAIMS = (
@@ -484,8 +484,8 @@ MAIN_CLAIMS = (
     ("spg (mix)", "diffu_grpo", "SPG T1"),
     ("spg (mix)", "wd1", "SPG T1"),
     ("spg (eubo)", "elbo", "SPG T10"),
-    ("gdsd", "spg (mix)", "GDSD §5.1 (SPG 88.2 Sudoku, 70.7 Countdown)"),
-    ("dmpo", "spg (mix)", "GDSD §5.1 (SPG 88.2 Sudoku, 70.7 Countdown)"),
+    ("gdsd", "spg (mix)", "GDSD, LLaDA table (SPG 88.2 Sudoku, 70.7 Countdown)"),
+    ("dmpo", "spg (mix)", "GDSD, LLaDA table (SPG 88.2 Sudoku, 70.7 Countdown)"),
 )
 GDSD_SPG = {"sudoku": 88.2, "countdown": 70.7}  # SPG's row in the GDSD paper's own table
 PAPER_NEGATIVE = {"zero": 68.8, "elbo": 82.4, "eubo": 86.1, "mix": 90.0}  # SPG T10, Sudoku, avg

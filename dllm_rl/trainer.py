@@ -255,7 +255,7 @@ class Trainer:
             **{f"reward/{k}": float(torch.cat([x["parts"][k] for x in shares]).mean()) for k in reward_parts},
         }
         if self.sampler_adaptive:
-            # Threshold decoding in rollouts: how many tokens each step commits (samplers.md §4).
+            # Threshold decoding in rollouts: how many tokens each step commits (docs/samplers.md, "Safeguards").
             for key in ("tokens_per_step_mean", "steps_per_block"):
                 stats[f"rollout_{key}"] = float(np.mean([x["decoding"].get(key, math.nan) for x in shares]))
             stats["rollout_tokens_per_step_max"] = max(x["decoding"].get("tokens_per_step_max", 0.0) for x in shares)
@@ -275,11 +275,13 @@ class Trainer:
 
         The step is skipped (parameters, optimizer state and LR schedule untouched) when a micro-batch
         loss is non-finite, when more than objective.max_nonfinite_frac of the per-sequence surrogates
-        were non-finite, or when DeepSpeed finds the gradient norm non-finite (objectives.md §0.10).
+        were non-finite, or when DeepSpeed finds the gradient norm non-finite (docs/ARCHITECTURE.md,
+        "Decisions worth knowing": non-finite guard).
         ``self.last_skip_reason`` says why, or is None for an applied step.
         """
         ocfg = self.cfg["objective"]
-        # Dropout in the gradient forward is a per-objective choice (§0.8); gradients flow either way.
+        # Dropout in the gradient forward is a per-objective choice (off for GDSD; scoring forwards never
+        # use it); gradients flow either way.
         self.engine.train(bool(ocfg["loss_forward_dropout"]))
         micro = int(self.cfg["train"]["micro_batch_per_gpu"])
         starts = range(0, len(batch), micro)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine, for testing the cluster=slurm path (engineering.md §2.4).
+# A one-node SLURM cluster on this machine, for testing the cluster=slurm path (docs/SLURM.md).
 #   sudo launch/slurm_local.sh         install (if missing), configure, start; verify when already up
 #   sudo launch/slurm_local.sh stop    stop slurmd, slurmctld and munged
 # Root on Debian/Ubuntu (apt-get). No systemd needed: the daemons are started directly.

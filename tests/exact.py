@@ -1,4 +1,4 @@
-"""Exact-enumeration oracles for the likelihood tests (objectives.md §9), shared by the test files.
+"""Exact-enumeration oracles for the likelihood tests (docs/estimators.md), shared by the test files.
 
 A "table" is a [2^L, L] float64 tensor of log f(x_i | z_S): row S (a bit set, see subset_masks) holds
 the denoiser's log-probability of the true token at every masked position i ∈ S and 0 elsewhere.

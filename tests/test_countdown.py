@@ -1,4 +1,5 @@
-"""Countdown task: solver, generator, arithmetic parser, rewards, eval parsers, files, end to end (tasks.md §3)."""
+"""Countdown task: solver, generator, arithmetic parser, rewards, eval parsers, files, end to end
+(docs/tasks.md, "Countdown")."""
 
 from __future__ import annotations
 
@@ -385,7 +386,7 @@ def test_equals_rescue_takes_the_first_expression_before_an_equals():
     assert cd.equals_rescue("1+" * 20_000) is None  # linear, where the regex would be quadratic
 
 
-# A transcription of d1's reward and eval parser (tasks.md §3.4, §3.5) with Python's regex and eval, as an
+# A transcription of d1's reward and eval parser (docs/tasks.md, "Countdown") with Python's regex and eval, as an
 # oracle for our eval-free reproduction. Only ever fed strings without "**".
 _ALLOWED = re.compile(r"^[\d+\-*/().\s]+$")
 

@@ -271,7 +271,7 @@ def test_every_objective_trains_the_tiny_model_without_non_finite_steps(objectiv
     run_dir = root / f"obj-{objective}"
     # Two rollout rounds of the objective's own inner iterations, with every default knob of its preset.
     mu = {"spg": 4, "elbo": 4}.get(objective, 8)
-    # The fast samplers ride along: DMPO's rollouts use the prefix cache (its preset, samplers.md §3.5),
+    # The fast samplers ride along: DMPO's rollouts use the prefix cache (its reference rollouts' setting),
     # GDSD's threshold decoding with the dual cache and a per-step cap.
     samplers = {
         "dmpo": ["sampler.cache=prefix"],

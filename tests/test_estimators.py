@@ -1,5 +1,4 @@
-"""ELBO, EUBO, mixture, coupled score and one-step estimators against exact enumeration (objectives.md §3, §5.4,
-§6.1, §9)."""
+"""ELBO, EUBO, mixture, coupled score and one-step estimators against exact enumeration (docs/estimators.md)."""
 
 from __future__ import annotations
 

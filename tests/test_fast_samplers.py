@@ -1,4 +1,4 @@
-"""The fast samplers (samplers.md §3): KV caches per model family, cached and threshold decoding, entropy
+"""The fast samplers (docs/samplers.md): KV caches per model family, cached and threshold decoding, entropy
 and margin orders, and the plain sampler against a straightforward step-by-step implementation."""
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def reference_greedy(
     counts: list[int] | None = None,
     confidence: str = "full",
 ) -> list[int]:
-    """Greedy LLaDA decoding of one unpadded prompt, one position at a time, straight from samplers.md §1
+    """Greedy LLaDA decoding of one unpadded prompt, one position at a time, straight from LLaDA's loop
     (``counts``: the tokens revealed per step of a block, LLaDA's even split by default; ``confidence``:
     p over the whole vocabulary, or with the mask token excluded first)."""
     mask = policy.mask_id
@@ -122,7 +122,7 @@ def test_plain_greedy_equals_step_by_step_reference(family, remasking):
         assert out.completion_ids[row].tolist() == expected, row
 
 
-# ------------------------------------------------------------------ Dream's sampler (samplers.md §2)
+# ------------------------------------------------------------------ Dream's sampler
 
 
 def test_dream_time_grid_reveal_counts():

@@ -178,7 +178,7 @@ def test_bad_option_names_the_field(tmp_path, key, value):
 @pytest.mark.parametrize(
     ("completion", "fixed", "reference"),
     [
-        # multi-line reasoning (the normal case): soft/strict format only in fixed mode (§1.5 row 1)
+        # multi-line reasoning (the normal case): soft/strict format only in fixed mode (d1's lack DOTALL)
         (MULTI_LINE, (0.5, 0.5, 0.5, 0.5, 2.0), (0.5, 0.0, 0.0, 0.5, 2.0)),
         # one-line reasoning: the reference strict regex matches; its soft regex cannot cross "<reasoning>\n"
         (ONE_LINE, (0.5, 0.5, 0.5, 0.5, 2.0), (0.5, 0.0, 0.5, 0.5, 2.0)),

@@ -1,5 +1,6 @@
-"""The non-finite guard (objectives.md §0.10) on real DeepSpeed engines, ZeRO-2 and ZeRO-3: which
-steps are skipped, that a skipped step changes nothing, and the abort with a last good checkpoint."""
+"""The non-finite guard (docs/ARCHITECTURE.md, "Decisions worth knowing") on real DeepSpeed engines,
+ZeRO-2 and ZeRO-3: which steps are skipped, that a skipped step changes nothing, and the abort with a
+last good checkpoint."""
 
 from __future__ import annotations
 

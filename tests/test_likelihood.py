@@ -1,4 +1,4 @@
-"""Masked log-probabilities, ELBO and mask schedules, checked by exact enumeration (objectives.md §1, §9)."""
+"""Masked log-probabilities, ELBO and mask schedules, checked by exact enumeration (docs/estimators.md)."""
 
 from __future__ import annotations
 

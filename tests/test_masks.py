@@ -1,4 +1,4 @@
-"""Mask-sampling schedules: marginals, weights, seeding (objectives.md §1)."""
+"""Mask-sampling schedules: marginals, weights, seeding (dllm_rl/likelihood/masks.py; docs/estimators.md)."""
 
 from __future__ import annotations
 

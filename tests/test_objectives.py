@@ -1,4 +1,4 @@
-"""SPG, DMPO, GDSD, diffu-GRPO and wd1 against hand-derived values (objectives.md §2–§7).
+"""SPG, DMPO, GDSD, diffu-GRPO and wd1 against hand-derived values (each module's docstring states its loss).
 
 Most checks use a factorised policy: its logits at completion position i are a learnable row θ_i,
 whatever the input, so log f(x_i | any mask) = log softmax(θ_i)[x_i] =: ℓ_i and every surrogate's

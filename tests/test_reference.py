@@ -1,4 +1,4 @@
-"""π_ref (objectives.md §0.7) and dropout-free scoring (§0.8): a frozen copy for full fine-tuning,
+"""π_ref and dropout-free scoring (docs/ARCHITECTURE.md, "Decisions worth knowing"): a frozen copy for full fine-tuning,
 the adapter switched off for LoRA (no second copy), and `Policy.scoring()`."""
 
 from __future__ import annotations

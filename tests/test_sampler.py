@@ -1,4 +1,4 @@
-"""LLaDA low-confidence sampler (samplers.md §1): shapes, commit schedule, blocks, determinism, padding,
+"""LLaDA low-confidence sampler (docs/samplers.md): shapes, commit schedule, blocks, determinism, padding,
 confidence ordering and Gumbel-max sampling."""
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Samplers and estimators only ever call ``policy.logits(input_ids, attention_mask
 and read ``mask_id``; which network sits behind it (the embedded tiny model, a local checkpoint, a
 DeepSpeed engine wrapping either) is the model loader's business. Objectives that need π_ref call
 ``reference_logits`` (after ``attach_reference``), and wrap every no-grad scoring forward in
-``scoring()`` so dropout never adds noise to cached scores (objectives.md §0.7, §0.8).
+``scoring()`` so dropout never adds noise to cached scores (docs/ARCHITECTURE.md, "Decisions worth
+knowing": reference policy, dropout).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Policy:
         return self._reference_adapter_off or self._reference_copy is not None
 
     def attach_reference(self) -> None:
-        """Make π_ref available to ``reference_logits``: the starting network, frozen (objectives.md §0.7).
+        """Make π_ref available to ``reference_logits``: the starting network, frozen, never synced.
 
         Call before handing the model to DeepSpeed so a copy never reaches the optimizer. A PEFT model
         needs no copy: its base weights with the adapter switched off are the reference. Idempotent.
@@ -123,7 +124,7 @@ class Policy:
         """Wrap the network in a fresh PEFT LoRA adapter (model.lora); only the adapter trains.
 
         Call before ``attach_reference`` and DeepSpeed: π_ref is then the same weights with the adapter
-        switched off, with no second copy (objectives.md §0.7).
+        switched off, with no second copy.
         """
         from peft import get_peft_model, prepare_model_for_kbit_training
 

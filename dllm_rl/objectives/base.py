@@ -241,7 +241,7 @@ def metric_weight(name: str) -> str:
 
 
 def finite_or_zero(values: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Per-sequence surrogates with NaN/inf entries replaced by 0, and how many there were (§0.10)."""
+    """Per-sequence surrogates with NaN/inf entries replaced by 0, and how many there were (the non-finite guard)."""
     finite = torch.isfinite(values)
     return torch.where(finite, values, torch.zeros_like(values)), int((~finite).sum())
 

@@ -1,4 +1,4 @@
-"""Dream's sampler (``diffusion_generate``, samplers.md §2): a time grid instead of blocks, position orders
+"""Dream's sampler (``diffusion_generate``; docs/samplers.md): a time grid instead of blocks, position orders
 computed under the filtered, tempered distribution, categorical token sampling.
 
 Steps i = 0..T−1 walk the grid t_i = linspace(1, ε, T+1). At step i (t → s) every masked position gets

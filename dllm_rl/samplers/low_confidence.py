@@ -29,7 +29,7 @@ and the threshold below compares p[x̂] with τ_thr.
                   model gives M no mass; otherwise each p[x̂] is inflated by 1/(1 − p[M]) of its own
                   position, which reorders positions whose p[M] differ.
 
-Speed-ups (samplers.md §3), independent of each other:
+Speed-ups (Fast-dLLM; docs/samplers.md), independent of each other:
   cache: prefix   a full forward at each block start fills a key/value cache; the block's other steps
                   run only the positions from the block start to the end against the cached prefix
   cache: dual     the same, but only the current block is run (the suffix's keys/values cached too)
@@ -41,7 +41,7 @@ Caches are an approximation (the cached keys/values would change as the block is
 refreshed once per block). With ``cache: none`` and no threshold the sampler is the reference: one
 full forward over prompt + completion per step. Under torch.distributed, an adaptive (threshold)
 sampler all-reduces "any position of this block still masked" after every step, so every rank runs
-the same number of forwards (ZeRO-3 gathers parameters collectively in each forward; §5).
+the same number of forwards (ZeRO-3 gathers parameters collectively in each forward).
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ class LowConfidenceSampler:
         if adaptive and stats["tokens_per_step_mean"] > 2 * self.fixed_tokens_per_step:
             log.warning(
                 "threshold decoding committed %.1f tokens per step on average, over twice the fixed schedule's %.1f "
-                "(sampler.threshold=%g): an over-confident policy commits too much at once (samplers.md §4)",
+                "(sampler.threshold=%g): an over-confident policy commits too much at once (docs/samplers.md)",
                 stats["tokens_per_step_mean"],
                 self.fixed_tokens_per_step,
                 self.threshold,

@@ -2,11 +2,11 @@
 
 Two grammars, both parsed by hand (never Python's eval / exec / ast / compile):
 
-* ``strict`` — the fixed Countdown checker (tasks.md §3.6 row 1): non-negative integer literals, the
+* ``strict`` — the fixed Countdown checker (docs/tasks.md, "Countdown"): non-negative integer literals, the
   binary operators ``+ - * /``, parentheses and ASCII whitespace. No unary minus, no decimals, no other
   character. ``parse_expression`` returns the exact value and the integer literals in order.
 * ``python`` — what Python's ``eval`` accepts over the reference's character set (digits,
-  ``+ - * / ( ) .`` and whitespace), so that the reference reward (§3.4) and eval parser (§3.5) can be
+  ``+ - * / ( ) .`` and whitespace), so that d1's reward and eval parser can be
   reproduced without running eval: decimal literals (``2.5``, ``2.``, ``.5``), unary ``+``/``-``,
   ``**`` (right-associative, binding tighter than a unary minus on its left) and ``//``; an integer
   literal with a leading zero (``05``) is a syntax error as in Python, and a newline is only allowed
@@ -33,7 +33,7 @@ MAX_DEPTH = 20
 MAX_LITERAL_DIGITS = 6
 MAX_BITS = 256
 
-# Operator spellings a model copies from LaTeX or typography (§3.6 row 1); replaced before parsing.
+# Operator spellings a model copies from LaTeX or typography; replaced before parsing (fixed checker).
 OPERATOR_SPELLINGS: tuple[tuple[str, str], ...] = (
     ("\\times", "*"),
     ("\\cdot", "*"),

@@ -2,14 +2,14 @@
 
 A task owns its data (train / validation / test splits as HF datasets), its training reward and its
 evaluation metrics. Every split has two prompt columns, because the papers train and evaluate with
-different prompts (tasks.md §0.1): ``prompt`` (the training family, used for rollouts) and
+different prompts (docs/tasks.md, "Common rules"): ``prompt`` (the training family, used for rollouts) and
 ``eval_prompt`` (the evaluation family). In the ``compact`` style (character-level models) a prompt
 is the literal model input; in the ``chat`` style it is the user message, which the policy wraps in
 its tokenizer's chat template (and, at evaluation, follows with ``eval_prefill``).
 
 The training reward is a list of reward functions (dllm_rl/tasks/rewards.py): the task's own by
 default, or ``task.rewards`` (registered names or ``module:function`` paths). Each returns a float
-or named parts; the task reward is the unweighted sum of all parts (tasks.md §0.5), each part logged.
+or named parts; the task reward is the unweighted sum of all parts, each part logged.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 PROMPT_STYLES: tuple[str, ...] = ("compact", "chat")
-# Appended after the chat template's generation prompt at evaluation (tasks.md §0.1).
+# Appended after the chat template's generation prompt at evaluation (the papers' evaluation prefill).
 EVAL_PREFILL = "<reasoning>"
-# The training family's system block (tasks.md §0.3) shared by GSM8K, MATH500 and Countdown: a
-# newline, the format instructions, a trailing newline.
+# The training family's format block shared by GSM8K, MATH500 and Countdown (docs/tasks.md, "Common
+# rules"): a newline, the format instructions, a trailing newline.
 SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
 # Characters of chat-style prompts a character-level tokenizer must know: printable ASCII and newline.
 CHAT_ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\n"

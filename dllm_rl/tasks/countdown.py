@@ -1,26 +1,26 @@
-"""Countdown with three numbers (tasks.md §3): reach the target with + - * / using each number once.
+"""Countdown with three numbers (docs/tasks.md, "Countdown"): reach the target with + - * / using each number once.
 
-* Solver (§3.2 step 2): every ordering of the numbers × the two tree shapes ((a∘b)∘c, a∘(b∘c)) × 4²
+* Solver: every ordering of the numbers × the two tree shapes ((a∘b)∘c, a∘(b∘c)) × 4²
   operator pairs, exact rationals, division by zero skipped. It returns the solving expressions,
   classifies an instance as additive / needs-× / needs-÷ and picks a canonical solution (the shortest
   expression, ties broken by the fixed enumeration order) that the warm-start learns.
-* Generator (§3.2): numbers uniform with replacement, one expression uniform, accepted if its value is
+* Generator: numbers uniform with replacement, one expression uniform, accepted if its value is
   an integer in the target range; rejection-sampled to ``class_mix`` (exact per-split quotas), deduplicated
   on (sorted numbers, target). Test, validation and train have their own seeded streams (so changing
   train_size does not change the test set), validation and train exclude every test instance and train
   every validation one. Cached under ``<cache_dir>/data/countdown-<hash>``.
-* Files and hub (§3.1): JSONL/parquet/... rows ``{"nums": [..], "target": T}`` or the public test file's
+* Files and hub: JSONL/parquet/... rows ``{"nums": [..], "target": T}`` or the public test file's
   ``{"input": "30,100,93", "output": "23"}``; ``train_hub_id`` (e.g. Jiayi-Pan/Countdown-Tasks-3to4) is
   filtered to three numbers. Validation is carved from such a training set (held-out rows, d1 convention).
-* Prompts (§0.3, §3.3): ``compact`` — ``30,100,93:23`` in, the bare expression out (character-level
+* Prompts: ``compact`` — ``30,100,93:23`` in, the bare expression out (character-level
   models); ``chat`` — the training question after SYSTEM_PROMPT, and CTD_SYSTEM_PROMPT + the
   ``Numbers: [..]\\nTarget: T`` question for evaluation (answer asked in ``<answer>`` tags for training and
-  in ``\\boxed{}`` for evaluation, §3.6 row 3, kept as the protocol).
-* Rewards: ``countdown`` (fixed, §3.6 row 1: our exact grammar of dllm_rl/tasks/arith.py) and
-  ``countdown_reference`` (§3.4, d1's lexical check and Python-eval semantics, reproduced without eval).
+  in ``\\boxed{}`` for evaluation: the papers' protocol, kept).
+* Rewards: ``countdown`` (fixed: our exact grammar of dllm_rl/tasks/arith.py) and
+  ``countdown_reference`` (d1's lexical check and Python-eval semantics, reproduced without eval).
   Values 0 (no expression), 0.1 (an expression that is not a solution), 1.0 (a solution).
 * Metrics: compact — ``acc`` (fixed checker on the whole completion) and ``parsable``; chat — ``acc`` =
-  ``acc_reference`` (§3.5, comparable with the papers) and ``acc_fixed`` (§3.6 row 2).
+  ``acc_reference`` (d1's parser, comparable with the papers) and ``acc_fixed`` (a corrected parser).
 """
 
 from __future__ import annotations
@@ -85,8 +85,7 @@ GENERATOR_VERSION = 1
 
 # ------------------------------------------------------------------------------------------------ prompts
 
-# §0.3: a newline, the format block, a trailing newline.
-# §3.3, one paragraph; no space between "\boxed{a + b * c}" and "Respond" (as in the reference).
+# The evaluation block, one paragraph; no space between "\boxed{a + b * c}" and "Respond" (as in the reference).
 CTD_SYSTEM_PROMPT = (
     "Using only the provided numbers, create an arithmetic expression that evaluates to exactly the provided "
     "target number. You may use the operations +, -, *, and / as needed, but each number must be used exactly "
@@ -116,12 +115,12 @@ def compact_prompt(nums: Sequence[int], target: int) -> str:
 
 
 def chat_train_prompt(nums: Sequence[int], target: int) -> str:
-    """Training user message (§3.3): SYSTEM_PROMPT, a newline, the question."""
+    """Training user message: SYSTEM_PROMPT, a newline, the question."""
     return SYSTEM_PROMPT + "\n" + TRAIN_QUESTION.format(nums=nums_text(nums), target=int(target))
 
 
 def chat_eval_prompt(nums: Sequence[int], target: int) -> str:
-    """Evaluation user message (§3.3): CTD_SYSTEM_PROMPT, a blank line, ``Numbers: [..]\\nTarget: T``."""
+    """Evaluation user message: CTD_SYSTEM_PROMPT, a blank line, ``Numbers: [..]\\nTarget: T``."""
     return CTD_SYSTEM_PROMPT + "\n\n" + EVAL_QUESTION.format(nums=nums_text(nums), target=int(target))
 
 
@@ -269,7 +268,7 @@ def _nums_counter(nums: Any) -> collections.Counter[int] | None:
 
 
 def fixed_correct(expression: str, nums: Sequence[int], target: int) -> bool:
-    """§3.6 row 1: the strict grammar parses it, its literals are exactly the numbers, its value is the target."""
+    """The fixed check: the strict grammar parses it, its literals are exactly the numbers, its value is the target."""
     parsed = parse_expression(expression)
     if parsed is None:
         return False
@@ -277,7 +276,7 @@ def fixed_correct(expression: str, nums: Sequence[int], target: int) -> bool:
 
 
 def reference_correct(equation: str, nums: Sequence[int], target: int) -> bool:
-    """§3.4 steps 2-4 (and §3.5 step 4): d1's checker without eval.
+    """d1's checker (of its training reward and its eval parser), without eval.
 
     The multiset of digit runs must equal the numbers (lexically, so ``2.5`` counts as 2 and 5), the
     text must be what eval accepts over digits, ``+-*/().`` and whitespace, and the value must be within
@@ -294,7 +293,7 @@ def reference_correct(equation: str, nums: Sequence[int], target: int) -> bool:
 
 def equals_rescue(text: str) -> str | None:
     """The left-hand side of the first ``expr = number`` in text, as the regex
-    ``([0-9+\\-*/() ]+)=[0-9. ]+`` finds it (§3.5 step 3), stripped; None if there is none.
+    ``([0-9+\\-*/() ]+)=[0-9. ]+`` finds it (d1's eval parser), stripped; None if there is none.
 
     A linear scan instead of the regex: on a long run of expression characters without "=", the regex
     retries from every start position (quadratic time).
@@ -319,7 +318,7 @@ def equals_rescue(text: str) -> str | None:
 def reference_answer(text: str) -> str | None:
     """The last match of ``<answer>(.*?)</answer>`` (DOTALL, left-to-right non-overlapping), stripped.
 
-    d1's extract_solution (§3.4 step 1). Unlike last_tag_content it keeps d1's quirk that in
+    d1's extract_solution. Unlike last_tag_content it keeps d1's quirk that in
     ``<answer>a<answer>b</answer>`` the match is ``a<answer>b``.
     """
     last, pos = None, 0
@@ -358,7 +357,7 @@ def _reference_boxed(text: str) -> str | None:
 
 
 def reference_eval_equation(text: str) -> str:
-    """The expression d1's eval parser scores (§3.5 steps 1-3)."""
+    """The expression d1's eval parser scores: the last box (or fallbacks), operators, the ``= target`` rescue."""
     equation = _reference_boxed(text)
     if equation is None:
         inside = first_tag_content(text, "answer")
@@ -369,7 +368,7 @@ def reference_eval_equation(text: str) -> str:
 
 
 def fixed_eval_equation(text: str) -> str | None:
-    """§3.6 row 2: the last brace-matched ``\\boxed{}``, else the last ``<answer>`` content, else None;
+    """acc_fixed's expression: the last brace-matched ``\\boxed{}``, else the last ``<answer>`` content, else None;
     operators normalised, then the same ``= target`` rescue."""
     boxes = boxed_contents(text)
     equation = boxes[-1] if boxes else last_tag_content(text, "answer")
@@ -398,7 +397,7 @@ def _completion_expression(completion: Any, answer_tags: bool) -> str | None:
 def countdown_reward(
     completion: str, *, nums: Sequence[int], target: int, answer_tags: bool = False, **_: Any
 ) -> float:
-    """§3.6 row 1: 0 without an expression; 1.0 for an exact solution in the strict grammar; else 0.1."""
+    """Fixed reward: 0 without an expression; 1.0 for an exact solution in the strict grammar; else 0.1."""
     expression = _completion_expression(completion, answer_tags)
     if expression is None:
         return 0.0
@@ -409,7 +408,7 @@ def countdown_reward(
 def countdown_reference_reward(
     completion: str, *, nums: Sequence[int], target: int, answer_tags: bool = False, **_: Any
 ) -> float:
-    """§3.4 (d1's compute_score): 0 without an expression; 1.0 if within 1e-5 of the target; else 0.1."""
+    """d1's compute_score: 0 without an expression; 1.0 if within 1e-5 of the target; else 0.1."""
     if answer_tags:
         equation = reference_answer(clip_text(completion))
     else:
@@ -466,7 +465,7 @@ _GENERATOR_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class CountdownConfig:
-    """The task.* options this task reads (dllm_rl/config.py CountdownTaskCfg; tasks.md §3)."""
+    """The task.* options this task reads (dllm_rl/config.py CountdownTaskCfg; docs/tasks.md, "Countdown")."""
 
     seed: int = 42
     train_size: int = 20000
@@ -575,7 +574,7 @@ def class_quotas(n: int, mix: Sequence[float]) -> dict[str, int]:
 def sample_instances(
     n: int, config: CountdownConfig, rng: np.random.Generator, exclude: set[tuple[tuple[int, ...], int]]
 ) -> list[Instance]:
-    """n distinct solvable instances, category counts given by class_quotas (§3.2 steps 3-5).
+    """n distinct solvable instances, category counts given by class_quotas.
 
     Each candidate is three uniform numbers and one uniform expression over them (ordering, shape,
     operators); its value is the target when it is an integer in range. Candidates whose key is in
@@ -824,7 +823,7 @@ def carve_instances(instances: list[Instance], size: int, seed: int) -> tuple[li
 
 @register_task("countdown")
 class CountdownTask(Task):
-    """Countdown, three numbers: compact (``30,100,93:23`` → ``30-100+93``) or chat prompts (tasks.md §3)."""
+    """Countdown, three numbers: compact (``30,100,93:23`` → ``30-100+93``) or chat prompts (docs/tasks.md)."""
 
     alphabet = "0123456789+-*/(),:"
     primary_metric = "acc"

@@ -1,12 +1,12 @@
-"""GSM8K grade-school math word problems (tasks.md §1), chat prompts only.
+"""GSM8K grade-school math word problems (docs/tasks.md, "GSM8K"), chat prompts only.
 
-Data (§1.1): ``question`` and ``answer`` (the worked answer ending in ``#### N``); the training ground
+Data: ``question`` and ``answer`` (the worked answer ending in ``#### N``); the training ground
 truth is the text after ``####``, stripped. Local files or ``openai/gsm8k`` (see hub_task.py).
 
-Prompts (§1.2): ``prompt`` = SYSTEM_PROMPT + "\\n\\n" + question (training family); ``eval_prompt`` =
+Prompts: ``prompt`` = SYSTEM_PROMPT + "\\n\\n" + question (training family); ``eval_prompt`` =
 GSM_SYSTEM_PROMPT + "\\n\\n" + question (evaluation family, answer in ``\\boxed{}``).
 
-Training reward, ``variant: xml`` (§1.3; five parts, maximum 4.0). e = the text after the last
+Training reward, ``variant: xml`` (five parts, maximum 4.0). e = the text after the last
 ``<answer>`` and before the next ``</answer>``, stripped (the whole text without tags).
 
   xmlcount       +0.125 for each of "<reasoning>\\n", "\\n</reasoning>\\n", "\\n<answer>\\n", "\\n</answer>"
@@ -15,24 +15,24 @@ Training reward, ``variant: xml`` (§1.3; five parts, maximum 4.0). e = the text
                  Same in both modes. At most 0.5; the penalty grows with the text, so on the capped text
                  (MAX_REWARD_CHARS) the value is at least 0.25 - 0.002 * MAX_REWARD_CHARS.
   soft_format    0.5 if the text starts with <reasoning>…</reasoning>, whitespace, <answer>…</answer>.
-                 reference: "…" cannot contain a newline (d1's regex lacks DOTALL, §1.5 row 1), so
+                 reference: "…" cannot contain a newline (d1's regex lacks DOTALL), so
                  multi-line reasoning never earns it; fixed: newlines allowed, leading whitespace ignored.
   strict_format  0.5 if the text is exactly "<reasoning>\\nR\\n</reasoning>\\n<answer>\\nA\\n</answer>\\n".
                  reference: R and A single lines, one optional extra trailing newline; fixed: R and A
                  non-blank, newlines allowed, any trailing whitespace.
-  int            0.5 if e is an integer. reference: ``e.isdigit()`` (no minus sign, §1.5 row 3); fixed:
+  int            0.5 if e is an integer. reference: ``e.isdigit()`` (no minus sign); fixed:
                  the normalised e (see below) is an optional minus sign and ASCII digits.
-  correctness    2.0 if e matches the ground truth. reference: string equality (§1.5 row 2); fixed:
+  correctness    2.0 if e matches the ground truth. reference: string equality; fixed:
                  numeric equality after normalisation: the content of a \\boxed{} in e if any, "$" and
                  surrounding whitespace, a trailing period and thousands commas removed, then an exact
                  decimal.
 
-``variant: boxed`` (§1.6, GDSD's ``gsm8k``): boxed prompt for training too, and a single part
+``variant: boxed`` (GDSD's ``gsm8k``): boxed prompt for training too, and a single part
 ``correctness`` worth 1.0 when the answer read from the text equals the ground-truth string: the number
 after the first "The answer is " (followed by one more character, as in GDSD's regex), else after the
 first "#### ", else the last integer in the text.
 
-Evaluation (§1.4, §1.5 row 4): ``acc`` = ``acc_reference``, d1's parser: the first ``\\boxed{…}`` (to
+Evaluation: ``acc`` = ``acc_reference``, d1's parser: the first ``\\boxed{…}`` (to
 the first "}", on one line) whose content is neither empty nor only dots, read as a float or else its
 first number; otherwise the first <answer>…</answer>, read as a float or else its last number; correct
 iff equal to the float after "####" read by ``####\\s*\\$?([\\d,]+(?:\\.\\d+)?)`` (no minus sign: negative
@@ -62,7 +62,7 @@ from dllm_rl.tasks.rewards import (
     register_reward,
 )
 
-# §1.2; the first line ends with a space before the newline.
+# The evaluation block; its first line ends with a space before the newline (as in the reference).
 GSM_SYSTEM_PROMPT = (
     "You are a math expert. You will be given a question to solve. Solve it step by step. "
     "Wrap the final answer in a \\boxed{}. \n"
@@ -99,7 +99,7 @@ def hash_ground_truth(answer: str) -> str | None:
 
 
 def normalise_number_text(text: str) -> str:
-    """The fixed normalisation of an answer string (§1.5 row 2), before it is read as a number.
+    """The fixed normalisation of an answer string, before it is read as a number.
 
     The content of the last \\boxed{} if there is one; "$" and "\\$" removed; surrounding whitespace and
     one trailing period dropped; thousands separators removed when the commas group digits by three.
@@ -126,7 +126,7 @@ def _number_token(token: str) -> Decimal:
 
 
 def reference_gt_value(answer: str) -> float | None:
-    """d1's evaluation ground truth: the number after "####" as a float, no minus sign accepted (§1.1)."""
+    """d1's evaluation ground truth: the number after "####" as a float, no minus sign accepted."""
     match = _REFERENCE_GT.search(answer)
     if match is None:
         return None
@@ -176,7 +176,7 @@ def _float_or_number(text: str, pick: int) -> float | None:
 
 
 def _box_then_tag(text: str, boxes: list[str], parse: Callable[[str, int], Any]) -> Any:
-    """The §1.4 order: the first box that is neither empty nor dots and parses (its first number),
+    """d1's order: the first box that is neither empty nor dots and parses (its first number),
     else the first <answer>…</answer> (its last number)."""
     for content in boxes:
         content = content.strip()
@@ -192,7 +192,7 @@ def _box_then_tag(text: str, boxes: list[str], parse: Callable[[str, int], Any])
 
 
 def reference_prediction(text: str) -> float | None:
-    """d1's GSM8K eval parser (§1.4): first usable \\boxed{}, else the first <answer>…</answer>."""
+    """d1's GSM8K eval parser: first usable \\boxed{}, else the first <answer>…</answer>."""
     return _box_then_tag(text, flat_boxes(text), _float_or_number)
 
 
@@ -244,12 +244,12 @@ def _tags_in_order(text: str, multiline: bool) -> bool:
 
 
 def soft_format_ok(text: str, fixed: bool) -> bool:
-    """The soft format test: reference (one-line parts, §1.3) or fixed (§1.5 row 1)."""
+    """The soft format test: reference (one-line parts) or fixed (newlines allowed)."""
     return _tags_in_order(text.lstrip(), True) if fixed else _tags_in_order(text, False)
 
 
 def strict_format_ok(text: str, fixed: bool) -> bool:
-    """The strict format test: reference (§1.3) or fixed (§1.5 row 1)."""
+    """The strict format test: reference (one-line parts) or fixed (newlines allowed)."""
     if fixed:
         body = text.rstrip()
         head, middle, tail = "<reasoning>\n", "\n</reasoning>\n<answer>\n", "\n</answer>"
@@ -276,7 +276,7 @@ def strict_format_ok(text: str, fixed: bool) -> bool:
 
 
 def xml_count_score(text: str) -> float:
-    """The xmlcount value of §1.3 (both modes)."""
+    """The xmlcount value (both modes; see the module docstring)."""
     score = 0.0
     if text.count("<reasoning>\n") == 1:
         score += 0.125
@@ -307,7 +307,7 @@ def boxed_variant_answer(text: str) -> str:
 
 @register_reward("gsm8k_xmlcount", XMLCOUNT_LOW, 0.5, EXAMPLE)
 def xmlcount(completion: str, **_: Any) -> float:
-    """Tag-count shaping reward of §1.3 (same in both modes)."""
+    """Tag-count shaping reward (same in both modes)."""
     return xml_count_score(clip_text(completion))
 
 
@@ -319,7 +319,7 @@ def soft_format(completion: str, **_: Any) -> float:
 
 @register_reward("gsm8k_soft_format_reference", 0.0, 0.5, EXAMPLE)
 def soft_format_reference(completion: str, **_: Any) -> float:
-    """0.5 for the soft format with one-line reasoning and answer (d1, bug §1.5 row 1)."""
+    """0.5 for the soft format with one-line reasoning and answer (d1, no DOTALL)."""
     return 0.5 if soft_format_ok(clip_text(completion), fixed=False) else 0.0
 
 
@@ -331,7 +331,7 @@ def strict_format(completion: str, **_: Any) -> float:
 
 @register_reward("gsm8k_strict_format_reference", 0.0, 0.5, EXAMPLE)
 def strict_format_reference(completion: str, **_: Any) -> float:
-    """0.5 for the four-tag layout with one-line reasoning and answer (d1, bug §1.5 row 1)."""
+    """0.5 for the four-tag layout with one-line reasoning and answer (d1, no DOTALL)."""
     return 0.5 if strict_format_ok(clip_text(completion), fixed=False) else 0.0
 
 
@@ -343,13 +343,13 @@ def int_answer(completion: str, **_: Any) -> float:
 
 @register_reward("gsm8k_int_reference", 0.0, 0.5, EXAMPLE)
 def int_answer_reference(completion: str, **_: Any) -> float:
-    """0.5 if the answer passes str.isdigit (d1, bug §1.5 row 3)."""
+    """0.5 if the answer passes str.isdigit (d1: negative integers fail)."""
     return 0.5 if xml_answer(clip_text(completion)).isdigit() else 0.0
 
 
 @register_reward("gsm8k_correctness", 0.0, 2.0, EXAMPLE)
 def correctness(completion: str, *, ground_truth: str, **_: Any) -> float:
-    """2.0 if the answer equals the ground truth as an exact number (fixed, §1.5 row 2)."""
+    """2.0 if the answer equals the ground truth as an exact number (fixed)."""
     if not isinstance(ground_truth, str):
         return 0.0
     answer, truth = exact_number(xml_answer(clip_text(completion))), exact_number(ground_truth)
@@ -364,7 +364,7 @@ def correctness_reference(completion: str, *, ground_truth: str, **_: Any) -> fl
 
 @register_reward("gsm8k_boxed_correctness", 0.0, 1.0, EXAMPLE)
 def boxed_correctness(completion: str, *, ground_truth: str, **_: Any) -> float:
-    """1.0 if GDSD's extracted answer equals the ground-truth string (variant boxed, §1.6)."""
+    """1.0 if GDSD's extracted answer equals the ground-truth string (variant boxed)."""
     return 1.0 if boxed_variant_answer(clip_text(completion)) == ground_truth else 0.0
 
 

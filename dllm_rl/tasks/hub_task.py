@@ -1,7 +1,8 @@
 """Shared parts of the data-backed chat tasks (GSM8K, MATH500): data resolution, prompts, text helpers.
 
-Data (tasks.md §0.6). Per split, a local file wins: ``task.train_file`` / ``task.test_file`` (JSONL, JSON,
-parquet, arrow, CSV, a directory of them or a ``save_to_disk`` folder, read by ``read_local``);
+Data (docs/tasks.md, "Data splits"). Per split, a local file wins: ``task.train_file`` /
+``task.test_file`` (JSONL, JSON, parquet, arrow, CSV, a directory of them or a ``save_to_disk``
+folder, read by ``read_local``);
 otherwise ``task.<split>_hub_id`` / ``_hub_config`` / ``_hub_split`` through ``load_hub`` (HF's own cache
 serves it offline once fetched). When neither gives data, the DataError names the field to set and the
 columns the rows need. The validation split is ``task.validation_file`` or the held-out tail of the
@@ -36,7 +37,7 @@ from dllm_rl.tasks.rewards import braced
 
 FILE_KEYS: tuple[str, ...] = ("train_file", "validation_file", "test_file")
 
-# Chat special tokens such as <|eot_id|>, kept in evaluation decodes (tasks.md §0.1). Bounded and
+# Chat special tokens such as <|eot_id|>, which the papers' evaluation decodes keep. Bounded and
 # without nested quantifiers, so linear on any input.
 _SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]{1,40}\|>")
 
@@ -52,7 +53,7 @@ def strip_special_tokens(text: str) -> str:
 def xml_answer(text: str) -> str:
     """d1's extracted answer: after the last ``<answer>`` (or from the start), before the next ``</answer>``, stripped.
 
-    With no tags at all it is the whole text (tasks.md §1.3).
+    With no tags at all it is the whole text.
     """
     start = text.rfind("<answer>")
     start = 0 if start < 0 else start + len("<answer>")

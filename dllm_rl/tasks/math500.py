@@ -1,15 +1,15 @@
-"""MATH500 competition math (tasks.md §2), chat prompts only.
+"""MATH500 competition math (docs/tasks.md, "MATH500"), chat prompts only.
 
-Data (§2.1): train rows ``problem``, ``solution`` (ground truth = the last ``\\boxed{}`` of the
+Data: train rows ``problem``, ``solution`` (ground truth = the last ``\\boxed{}`` of the
 solution; ``ankner/math-500``: the MATH train set minus the MATH-500 problems); test rows ``problem``,
 ``answer`` (``HuggingFaceH4/MATH-500``). Local files or the hub (see hub_task.py).
 
-Prompts (§2.2): ``prompt`` = SYSTEM_PROMPT + "\\n\\n" + the boxed instruction + " \\n\\n" + problem;
+Prompts: ``prompt`` = SYSTEM_PROMPT + "\\n\\n" + the boxed instruction + " \\n\\n" + problem;
 ``eval_prompt`` = MATH500_SYSTEM_PROMPT + "\\n\\n" + problem.
 
-Training reward (§2.3; intended maximum 3.0). pred = the content of the last ``\\boxed`` (brace-matched
+Training reward (intended maximum 3.0). pred = the content of the last ``\\boxed`` (brace-matched
 ``\\boxed{x}`` or the ``\\boxed x`` form) in the completion, or in its answer-tag region with
-``task.math_pred_region: answer_tags`` (GDSD ``math_xml``, §2.5 row 2); the whole searched text if
+``task.math_pred_region: answer_tags`` (GDSD ``math_xml``); the whole searched text if
 there is no complete box.
 
   correctness  2.0 if is_equiv(pred, ground truth): both sides normalised by ``strip_string`` (our
@@ -18,9 +18,9 @@ there is no complete box.
                "</answer>", is then searched, else the whole text), plus 1 if the region contains
                "\\boxed", else plus 0.5. fixed: 1.0 / 0.75 / 0.5 / 0.25 (tags and box / tags / box /
                neither). reference: d1 wrote "\\boxed" in a non-raw literal, i.e. a backspace + "oxed",
-               which model text never contains, so 0.75 (tags) or 0.25 (§2.5 row 1).
+               which model text never contains, so 0.75 (tags) or 0.25.
 
-``task.verifier: math_verify`` (GDSD ``math``, §2.6): a single part ``correctness`` worth 2.0 when
+``task.verifier: math_verify`` (GDSD ``math``): a single part ``correctness`` worth 2.0 when
 math-verify finds the searched text equivalent to ``\\boxed{ground truth}``, under a time limit of
 ``task.verify_timeout`` seconds per comparison (0 on timeout; see ``MathVerifyClient``).
 
@@ -32,7 +32,7 @@ and a leading "." gets a "0"; a left side of at most two characters before a sin
 reference's normalisation raises (several "\\text{ " units, a "\\sqrt" or "\\frac" with nothing after
 it), is_equiv compares the raw strings, as the reference does.
 
-Evaluation (§2.4): ``acc`` = ``acc_reference``, d1's parser: the last ``\\boxed`` of the raw text;
+Evaluation: ``acc`` = ``acc_reference``, d1's parser: the last ``\\boxed`` of the raw text;
 if it is empty or missing, the first <answer>…</answer>, stripped; is_equiv with the ``answer``.
 ``acc_fixed``: chat special tokens removed, the last complete box in the ``math_pred_region``
 (an unterminated final box no longer hides an earlier complete one), else the last
@@ -84,7 +84,8 @@ BOXED_INSTRUCTION = (
     "You are a math expert. You will be given a question to solve. Solve it step by step. "
     "Wrap the final answer in a \\boxed{}."
 )
-# §2.2: GSM_SYSTEM_PROMPT without the first line's trailing space, and '" \n' after the last tag.
+# The evaluation block: GSM_SYSTEM_PROMPT without the first line's trailing space, and '" \n' after the last tag
+# (as in the reference).
 MATH500_SYSTEM_PROMPT = (
     BOXED_INSTRUCTION + "\nRespond in the following format:\n<reasoning>\nYour reasoning here\n</reasoning>\n"
     '<answer>\n\\boxed{...}\n</answer>" \n'
@@ -345,14 +346,14 @@ def search_region(text: str, pred_region: str) -> str:
 
 
 def training_prediction(text: str, pred_region: str = "anywhere") -> str:
-    """pred of §2.3: the last box's content in the searched text, else the whole searched text."""
+    """The training pred: the last box's content in the searched text, else the whole searched text."""
     region = search_region(text, pred_region)
     boxed = last_boxed(region)
     return region if boxed is None else boxed
 
 
 def reference_prediction(text: str) -> str | None:
-    """d1's eval pred (§2.4): the last box; if empty or missing, the first <answer>…</answer>, stripped."""
+    """d1's eval pred: the last box; if empty or missing, the first <answer>…</answer>, stripped."""
     boxed = last_boxed(text)
     if boxed:
         return boxed
@@ -380,7 +381,7 @@ def solution_ground_truth(solution: str) -> str | None:
 
 
 def format_score(text: str, fixed: bool) -> float:
-    """0.5 * s of §2.3: 1 for "<answer>", then 1 for a box in the region (else 0.5)."""
+    """The format reward 0.5 * s: 1 for "<answer>", then 1 for a box in the region (else 0.5)."""
     region = first_answer_region(text)
     s = 0.0 if region is None else 1.0
     searched = text if region is None else region
@@ -393,7 +394,7 @@ def format_score(text: str, fixed: bool) -> float:
 
 @register_reward("math500_correctness", 0.0, 2.0, EXAMPLE)
 def correctness(completion: str, *, ground_truth: str, pred_region: str = "anywhere", **_: Any) -> float:
-    """2.0 if the last box (or the searched text) is_equiv the ground truth (§2.3, both modes)."""
+    """2.0 if the last box (or the searched text) is_equiv the ground truth (both modes)."""
     if not isinstance(ground_truth, str):
         return 0.0
     return 2.0 if is_equiv(training_prediction(clip_text(completion), pred_region), ground_truth) else 0.0
@@ -403,7 +404,7 @@ def correctness(completion: str, *, ground_truth: str, pred_region: str = "anywh
 def correctness_math_verify(
     completion: str, *, ground_truth: str, pred_region: str = "anywhere", verify_timeout: float = 5.0, **_: Any
 ) -> float:
-    """2.0 if math-verify finds the searched text equivalent to the ground truth in time (§2.6)."""
+    """2.0 if math-verify finds the searched text equivalent to the ground truth in time."""
     if not isinstance(ground_truth, str):
         return 0.0
     region = search_region(clip_text(completion), pred_region)
@@ -412,13 +413,13 @@ def correctness_math_verify(
 
 @register_reward("math500_format", 0.25, 1.0, EXAMPLE)
 def format_reward(completion: str, **_: Any) -> float:
-    """1.0 / 0.75 / 0.5 / 0.25 for tags and box / tags only / box only / neither (fixed, §2.5 row 1)."""
+    """1.0 / 0.75 / 0.5 / 0.25 for tags and box / tags only / box only / neither (fixed)."""
     return format_score(clip_text(completion), fixed=True)
 
 
 @register_reward("math500_format_reference", 0.25, 1.0, EXAMPLE)
 def format_reward_reference(completion: str, **_: Any) -> float:
-    """d1's format reward with its backspace bug: 0.75 with tags, 0.25 without (§2.5 row 1)."""
+    """d1's format reward with its backspace bug: 0.75 with tags, 0.25 without."""
     return format_score(clip_text(completion), fixed=False)
 
 

@@ -4,7 +4,7 @@ A reward function is called as ``fn(completion, **fields)``: the decoded complet
 column of the data row (ground truth, numbers and target, puzzle and solution, ...) as keyword
 arguments, so it declares the fields it reads and takes the rest with ``**_``. It returns a float, or
 a mapping of named parts for a reward made of several parts; the task reward is the unweighted sum
-of all parts of all its functions (tasks.md §0.5), and every part is logged on its own.
+of all parts of all its functions, and every part is logged on its own (docs/tasks.md, "Rewards").
 
 A value that is not a finite number (NaN, inf, a string, None) is a bad reward: with
 ``task.on_bad_reward=error`` (the default) the run stops with one line naming the function, the sample

@@ -1,12 +1,12 @@
-"""4x4 Sudoku (tasks.md §4), in the compact character-level format or the chat format.
+"""4x4 Sudoku (docs/tasks.md, "Sudoku"), in the compact character-level format or the chat format.
 
 compact: prompt = the 16-character puzzle (row-major, '0' = empty); completion = the 16 solution digits.
-chat: the user message is the rules block and question of §4.4, zero-shot (d1, wd1, DMPO, GDSD) or
+chat: the user message is the rules block and the question, zero-shot (d1, wd1, DMPO, GDSD) or
 with three worked examples (SPG; ``task.few_shot``), and the answer is read from ``<answer>`` tags.
 Our three examples are built from training-side grids (the SPG texts are not reproduced) and are
 removed from every split.
 
-Data comes from an in-memory generator (§4.3) or from local CSV / JSONL files (§4.2). The generator
+Data comes from an in-memory generator or from local CSV / JSONL files. The generator
 splits the 288 valid grids into disjoint train / test solution sets by default ("leak_free"), so a
 model cannot pass the test set by memorising solutions; `split: d1` draws both sides from all 288
 grids (the shared-solution setting of d1, not leak-free). The validation split is always made from
@@ -181,12 +181,12 @@ def is_valid_solve(answer: str, puzzle: str) -> bool:
 def sudoku_reward(
     completion: str, puzzle: str, solution: str, credit_alternative: bool = True, answer_tags: bool = False
 ) -> float:
-    """Training reward in [0, 1]: fraction of empty cells matching the stored solution (tasks.md §4.5).
+    """Training reward in [0, 1]: fraction of empty cells matching the stored solution.
 
     With ``answer_tags`` (chat format) the digits come from the last ``<answer>…</answer>`` only, and
-    a completion without one earns 0. With credit_alternative (bug #1 of §4.7), any valid completion
-    of the givens earns 1.0, because puzzles may have several solutions and the stored one is an
-    arbitrary pick.
+    a completion without one earns 0. With credit_alternative (the default; the reference has no such
+    credit), any valid completion of the givens earns 1.0, because puzzles may have several solutions
+    and the stored one is an arbitrary pick (docs/tasks.md, "Sudoku").
     """
     text = clip_text(completion)
     if answer_tags:
@@ -208,7 +208,7 @@ _EXAMPLE_ROW = {"puzzle": "1030400000010020", "solution": "1234432121433412"}
 
 @register_reward("sudoku_cells", low=0.0, high=1.0, example=_EXAMPLE_ROW)
 def sudoku_cells(completion: str, *, puzzle: str, solution: str, answer_tags: bool = False, **_: Any) -> float:
-    """§4.5 with alternative solutions credited (§4.7 row 1): the dllm_rl default."""
+    """The cell reward with alternative solutions credited: the dllm_rl default."""
     return sudoku_reward(completion, puzzle, solution, credit_alternative=True, answer_tags=answer_tags)
 
 
@@ -216,7 +216,7 @@ def sudoku_cells(completion: str, *, puzzle: str, solution: str, answer_tags: bo
 def sudoku_cells_reference(
     completion: str, *, puzzle: str, solution: str, answer_tags: bool = False, **_: Any
 ) -> float:
-    """§4.5 exactly: only the stored solution earns credit."""
+    """The reference's cell reward: only the stored solution earns credit."""
     return sudoku_reward(completion, puzzle, solution, credit_alternative=False, answer_tags=answer_tags)
 
 
@@ -224,7 +224,7 @@ _EOT_MARKERS = ("<|eot_id|>", "<|endoftext|>", "</answer>")
 
 
 def chat_answer(text: str) -> str:
-    """The answer string of a chat-format evaluation completion (the ordered patterns of §4.6).
+    """The answer string of a chat-format evaluation completion (the reference's ordered patterns).
 
     (1) a code block inside <answer>; (2) <answer> up to an end marker, if not empty; (3) the text after </answer>;
     (4) the 16 digits before </answer>; (5) any standalone run of 16 digits. Whitespace removed, then
@@ -276,9 +276,9 @@ def _first_digit_run(text: str, length: int) -> str | None:
 def sudoku_metrics(
     completions: Sequence[str], puzzles: Sequence[str], solutions: Sequence[str], chat: bool = False
 ) -> dict[str, float]:
-    """cell_acc (micro average over empty cells, reference metric §4.6), exact_solve, valid_solve.
+    """cell_acc (micro average over empty cells, the papers' metric), exact_solve, valid_solve.
 
-    ``chat``: answers are read with the §4.6 extraction patterns instead of the compact digits.
+    ``chat``: answers are read with chat_answer's extraction patterns instead of the compact digits.
     """
     if not len(completions) == len(puzzles) == len(solutions):
         raise ValueError(f"got {len(completions)} completions for {len(puzzles)} examples")
@@ -350,7 +350,7 @@ _GENERATOR_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class SudokuConfig:
-    """Sudoku task options; see module docstring and tasks.md §4.3."""
+    """Sudoku task options; see the module docstring and docs/tasks.md, "Sudoku"."""
 
     seed: int = 42
     split: str = "leak_free"  # "leak_free" (grids split train/test) | "d1" (shared grids, not leak-free)
@@ -413,7 +413,7 @@ class SudokuConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Generator (tasks.md §4.3)
+# Generator
 
 Pair = tuple[str, str]  # (puzzle, solution)
 
@@ -553,7 +553,7 @@ def load_or_generate(config: SudokuConfig, cache_dir: str | Path) -> datasets.Da
 
 
 # --------------------------------------------------------------------------------------------------
-# Local files (tasks.md §4.2)
+# Local files: CSV (Puzzle,Solution) or JSONL / JSON (puzzle, solution)
 
 
 def _read_file(path: Path, field: str, hf_cache: Path) -> datasets.Dataset:
@@ -668,7 +668,7 @@ def few_shot_examples(config: SudokuConfig, count: int) -> list[Pair]:
 
 
 def chat_prompt(puzzle: str, examples: Sequence[Pair]) -> str:
-    """The user message of §4.4: zero-shot, or the rules, the worked examples, then the question."""
+    """The chat user message: zero-shot, or the rules, the worked examples, then the question."""
     if not examples:
         return SUDOKU_SYSTEM_PROMPT + "\n\n" + QUESTION.format(puzzle=puzzle) + "\n"
     shots = [
@@ -682,7 +682,7 @@ def chat_prompt(puzzle: str, examples: Sequence[Pair]) -> str:
 
 @register_task("sudoku")
 class SudokuTask(Task):
-    """4x4 Sudoku: compact (16-char puzzle in, 16 digits out) or chat (§4.4 prompts, <answer> tags)."""
+    """4x4 Sudoku: compact (16-char puzzle in, 16 digits out) or chat (rules prompt, <answer> tags)."""
 
     alphabet = "01234"
     primary_metric = "cell_acc"
@@ -770,6 +770,6 @@ class SudokuTask(Task):
         return blind
 
     def metrics(self, completions: Sequence[str], examples: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        # Reference metric (§4.6) scores against the stored solution only, without alternative credit.
+        # The papers' metric scores against the stored solution only, without alternative credit.
         puzzles, solutions = [ex["puzzle"] for ex in examples], [ex["solution"] for ex in examples]
         return sudoku_metrics(completions, puzzles, solutions, chat=self.chat)
