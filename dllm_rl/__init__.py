@@ -1,13 +1,13 @@
 """dllm_rl: reinforcement-learning fine-tuning of masked diffusion language models.
 
-Importing the package registers the config schemas (Hydra ConfigStore) and the model classes
-(transformers Auto registries), so every entry point sees them.
+Importing the package registers the config schemas (Hydra ConfigStore), so every entry point sees
+them, and nothing heavier: torch and transformers load only where a model is built, which keeps
+``--help`` and config errors quick. Importing ``dllm_rl.models`` (any module under it) registers
+the model classes with the transformers Auto registries.
 """
 
 from dllm_rl.config import register_configs
 
 register_configs()
-
-from dllm_rl import models  # noqa: E402,F401  (registers the tiny model with the Auto classes)
 
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import dllm_rl  # noqa: F401  (registers the config schemas)
 from dllm_rl import rundir
+from dllm_rl.cli_help import exit_with_help_if_asked
 from dllm_rl.config import apply_round_budget, check_writable, missing_extra, validate
 from dllm_rl.console import say, say_error
 from dllm_rl.errors import DllmRlError
@@ -51,7 +52,7 @@ def _search_metric(summary: dict) -> float:
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+def run_hydra(cfg: DictConfig) -> float | None:
     from dllm_rl.launcher import Preempted, exit_preempted, global_rank, in_slurm_task, start, worker_command
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -146,9 +147,15 @@ def _preflight_output_dir(argv: list[str]) -> None:
         _hydra_files_before.update({p: p.read_bytes() for p in (existing / ".hydra").glob("*.yaml")})
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """``python -m dllm_rl``: answer --help and the checks that need no config, then run Hydra."""
+    exit_with_help_if_asked("config")
     if (missing := missing_extra(sys.argv[1:])) is not None:
         print(f"error: {missing}", file=sys.stderr)
         sys.exit(2)
     _preflight_output_dir(sys.argv[1:])
+    run_hydra()
+
+
+if __name__ == "__main__":
     main()

@@ -28,6 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import dllm_rl  # noqa: F401  (registers the config schemas)
+from dllm_rl.cli_help import exit_with_help_if_asked
 from dllm_rl.config import check_keys, check_writable, model_errors, task_file_errors
 from dllm_rl.console import library_output_to, say, say_error
 from dllm_rl.errors import ConfigError, DllmRlError
@@ -241,7 +242,7 @@ def summary_line(result: dict[str, Any]) -> str:
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def run_hydra(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         OmegaConf.to_object(cfg)  # enum and type checks of every typed node
@@ -257,6 +258,12 @@ def main(cfg: DictConfig) -> float:
         sys.exit(2)
     say(summary_line(result))
     return float(result["average"][result["primary_metric"]])
+
+
+def main() -> None:
+    """``python -m dllm_rl.evaluate``: answer --help quickly, then run Hydra."""
+    exit_with_help_if_asked("evaluate")
+    run_hydra()
 
 
 if __name__ == "__main__":

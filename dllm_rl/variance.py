@@ -62,6 +62,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import dllm_rl  # noqa: F401  (registers the config schemas)
 from dllm_rl.__main__ import _preflight_output_dir
+from dllm_rl.cli_help import exit_with_help_if_asked
 from dllm_rl.config import check_writable, validate
 from dllm_rl.console import say, say_error
 from dllm_rl.errors import ConfigError, DllmRlError
@@ -580,7 +581,7 @@ def report_main(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------------------------------- entry
 @hydra.main(config_path="conf", config_name="variance", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def run_hydra(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
@@ -601,8 +602,14 @@ def main(cfg: DictConfig) -> float:
     return float(result["total"]["signal_share"])
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """``python -m dllm_rl.variance``: ``--report``, --help, then Hydra."""
     if len(sys.argv) > 1 and sys.argv[1] == "--report":
         sys.exit(report_main(sys.argv[2:]))
+    exit_with_help_if_asked("variance")
     _preflight_output_dir(sys.argv[1:])
+    run_hydra()
+
+
+if __name__ == "__main__":
     main()

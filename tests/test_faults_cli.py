@@ -51,6 +51,36 @@ def test_every_entry_point_help_exits_0_and_lists_its_options(monkeypatch, capsy
     assert exit_info.value.code == 0 and "--page" in capsys.readouterr().out
 
 
+def test_help_applies_the_overrides_and_lists_the_config_groups(monkeypatch, capsys):
+    """`python -m dllm_rl objective=gdsd --help` shows GDSD's keys and every group under conf/."""
+    from dllm_rl.__main__ import main
+    from dllm_rl.cli_help import config_groups
+
+    monkeypatch.setattr(sys, "argv", ["dllm_rl", "objective=gdsd", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "  name: gdsd" in out and "mc_pairs:" in out and "  name: spg" not in out
+    groups = config_groups()
+    assert groups["objective"] == ["diffu_grpo", "dmpo", "elbo", "gdsd", "spg", "wd1"]
+    assert "random" in groups["objective/mask"] and "tiny" in groups["model"]
+    for name, options in groups.items():
+        assert f"{name}: {', '.join(options)}" in out
+    assert "Use --hydra-help" in out
+
+
+def test_help_with_a_bad_override_is_one_error_line(monkeypatch, capsys):
+    from dllm_rl.__main__ import main
+
+    monkeypatch.setattr(sys, "argv", ["dllm_rl", "objective=nope", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and "objective" in err and "nope" in err
+
+
 # ------------------------------------------------------------------------------------------- console
 def test_error_line_is_printed_once_below_an_open_progress_bar_and_logged_once(tmp_path, capsys):
     from tqdm.auto import tqdm
