@@ -46,11 +46,11 @@ run: install
 # the papers' comparisons at small scale (about 45 min on 2 CPU cores): runs under outputs/reproduce/,
 # tables and plots into docs/RESULTS.md and docs/results/
 reproduce: install
-	WANDB_MODE=disabled $(PY) -m dllm_rl.reproduce --page docs/RESULTS.md
+	WANDB_MODE=disabled $(PY) -m dllm_rl.experiments.reproduce --page docs/RESULTS.md
 
 # the same pipeline in a few minutes (1 seed, 2 rounds, spg and elbo): outputs/reproduce-quick/<time>/RESULTS.md
 reproduce-quick: install
-	WANDB_MODE=disabled $(PY) -m dllm_rl.reproduce --quick
+	WANDB_MODE=disabled $(PY) -m dllm_rl.experiments.reproduce --quick
 
 test: install
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q

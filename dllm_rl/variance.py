@@ -66,6 +66,7 @@ from dllm_rl.cli_help import exit_with_help_if_asked
 from dllm_rl.config import check_writable, validate
 from dllm_rl.console import say, say_error
 from dllm_rl.errors import ConfigError, DllmRlError
+from dllm_rl.experiments.pages import write_section
 
 log = logging.getLogger("dllm_rl")
 
@@ -78,8 +79,8 @@ _GROUP_RULES = (
     ("attention", ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")),
     ("mlp", ("mlp", "ff_proj", "ff_out", "up_proj", "gate_proj", "down_proj", "feed_forward")),
 )
-BEGIN = "<!-- variance:begin (written by python -m dllm_rl.variance --report --page; edits here are overwritten) -->"
-END = "<!-- variance:end -->"
+# the section of a shared page (--page) this tool owns, and the command its marker names
+PAGE_SECTION, PAGE_COMMAND = "variance", "python -m dllm_rl.variance --report --page"
 
 
 # ------------------------------------------------------------------------------------------- pure math
@@ -500,7 +501,7 @@ HEADER = [
 def plot(path: Path, results: list[dict[str, Any]]) -> None:
     """Per setting, E|g|² split into signal, rollout variance and mask variance (stacked, shares of E|g|²),
     and the reward-blind positions' share of |g|²."""
-    from matplotlib.figure import Figure  # the object API, as report.py: no pyplot state
+    from matplotlib.figure import Figure  # the object API, as experiments/report.py: no pyplot state
 
     labels = [setting_label(r) for r in results]
     parts = {"signal |E g|²": [], "rollout variance": [], "mask variance": []}
@@ -551,13 +552,6 @@ def render(results: list[dict[str, Any]], image: str) -> str:
     )
 
 
-def write_page(page: Path, section: str) -> None:
-    """``section`` between this module's markers in ``page`` (replaced there, else appended)."""
-    from dllm_rl.reproduce import write_page as write_marked
-
-    write_marked(page, section, BEGIN, END)
-
-
 def report_main(argv: list[str]) -> int:
     """`--report <dir> [--page FILE]`: variance_report.md and plots/variance.png under <dir>."""
     parser = argparse.ArgumentParser(prog="python -m dllm_rl.variance --report", description=report_main.__doc__)
@@ -574,7 +568,7 @@ def report_main(argv: list[str]) -> int:
     if args.page is not None:
         image = args.page.parent / "results" / "variance.png"
         plot(image, results)
-        write_page(args.page, render(results, "results/variance.png"))
+        write_section(args.page, PAGE_SECTION, PAGE_COMMAND, render(results, "results/variance.png"))
     print(text, end="")
     return 0
 

@@ -23,8 +23,11 @@ from dllm_rl.evaluate import resolve_checkpoint
 HELP = [
     ("dllm_rl.__main__", ["python -m dllm_rl [group=option", "objective: ", "train:", "micro_batch_per_gpu"]),
     ("dllm_rl.evaluate", ["python -m dllm_rl.evaluate", "evaluate:", "checkpoint:", "gen_lengths"]),
-    ("dllm_rl.report", ["python -m dllm_rl.report", "root"]),
-    ("dllm_rl.reproduce", ["--quick", "--out", "--page", "--lanes", "--report-only"]),
+    ("dllm_rl.experiments.report", ["python -m dllm_rl.experiments.report", "root"]),
+    (
+        "dllm_rl.experiments.reproduce",
+        ["python -m dllm_rl.experiments.reproduce", "--quick", "--out", "--page", "--lanes", "--report-only"],
+    ),
     ("dllm_rl.merge", ["adapter", "output", "--base", "--dtype"]),
     ("dllm_rl.worker", ["python -m dllm_rl.worker", "config"]),
     ("dllm_rl.variance", ["python -m dllm_rl.variance", "variance:", "rounds"]),

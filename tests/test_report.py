@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import dllm_rl  # noqa: F401  (ConfigStore registration)
-from dllm_rl import report
+from dllm_rl.experiments import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

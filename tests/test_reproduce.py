@@ -1,6 +1,7 @@
-"""`python -m dllm_rl.reproduce`: the plan (every job composes, validates and gets the same rollout
-budget), the write-up (tables, verdicts against the papers, the page's markers) and, once, the quick
-variant end to end through the real entry point."""
+"""`python -m dllm_rl.experiments.reproduce`: the plan (every job composes, validates and gets the same
+rollout budget), the papers' numbers (papers.yaml against the tables they come from, and its errors),
+the write-up (tables, verdicts against the papers, the page's markers) and, once, the quick variant end
+to end through the real entry point."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import open_dict
 
 import dllm_rl
-from dllm_rl import reproduce
 from dllm_rl.config import apply_round_budget, validate
-from dllm_rl.errors import ConfigError
-from dllm_rl.reproduce import Group, Record
+from dllm_rl.errors import ConfigError, DllmRlError
+from dllm_rl.experiments import pages, papers, reproduce
+from dllm_rl.experiments.reproduce import Group, Record
 
 CONF_DIR = Path(dllm_rl.__file__).parent / "conf"
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +102,121 @@ def test_runs_that_differ_in_decoding_only_share_one_base():
     same = signature()
     assert signature(f"task.block_length={reproduce.MASKING_BLOCK}", "task.diffusion_steps=4") == same
     assert signature("task.train_size=500") != same and signature("warmstart.steps=7") != same
+
+
+# ------------------------------------------------------------------------------------------ the papers
+# The numbers as the papers print them (percent), transcribed here a second time: papers.yaml must hold
+# exactly these. (task, main-table row) -> (score, base, cite) of the entry the main table shows.
+CITED_MAIN = {
+    ("sudoku", "spg (mix)"): (90.0, 19.9, "SPG T1, avg"),
+    ("sudoku", "spg (eubo)"): (86.1, 19.9, "SPG T1, avg"),
+    ("sudoku", "elbo"): (82.4, 19.9, "SPG T10 (w/ ELBO), avg"),
+    ("sudoku", "diffu_grpo"): (23.0, 19.9, "SPG T1 (D1 re-run), avg"),
+    ("sudoku", "wd1"): (29.2, 19.9, "SPG T1 (WD1 re-run), avg"),
+    ("sudoku", "gdsd"): (89.8, None, "GDSD, LLaDA table, best"),
+    ("sudoku", "dmpo"): (32.8, None, "GDSD, LLaDA table, best"),
+    ("countdown", "spg (mix)"): (69.9, 17.5, "SPG T1, avg"),
+    ("countdown", "spg (eubo)"): (69.3, 17.5, "SPG T1, avg"),
+    ("countdown", "elbo"): (67.1, 17.5, "SPG T10 (w/ ELBO), avg"),
+    ("countdown", "diffu_grpo"): (32.1, 17.5, "SPG T1 (D1 re-run), avg"),
+    ("countdown", "wd1"): (50.6, 17.5, "SPG T1 (WD1 re-run), avg"),
+    ("countdown", "gdsd"): (84.0, None, "GDSD, LLaDA table, best"),
+    ("countdown", "dmpo"): (82.8, None, "GDSD, LLaDA table, best"),
+}
+GDSD_TABLE_SPG = {"sudoku": 88.2, "countdown": 70.7}  # SPG's own row in the GDSD paper's table
+
+
+def test_papers_yaml_holds_the_numbers_the_tables_cite():
+    data = papers.load_papers()
+    assert data.objectives == {"spg": 1.0, "elbo": 1.0, "dmpo": 3.5, "gdsd": 3.0, "diffu_grpo": 1.5, "wd1": 1.0}
+    assert data.main_rows == ("spg (mix)", "spg (eubo)", "elbo", "gdsd", "dmpo", "diffu_grpo", "wd1")
+    assert {key: (s[0].score, s[0].base, s[0].cite) for key, s in data.main.items()} == CITED_MAIN
+    for task, score in GDSD_TABLE_SPG.items():
+        assert [(s.paper, s.score) for s in data.main[(task, "spg (mix)")]] == [
+            ("SPG", CITED_MAIN[(task, "spg (mix)")][0]),
+            ("GDSD", score),
+        ]
+    gdsd_cite = "GDSD, LLaDA table (SPG 88.2 Sudoku, 70.7 Countdown)"  # the claims name that row's numbers
+    assert [(c.a, c.b, c.cite) for c in data.main_claims] == [
+        ("spg (mix)", "spg (eubo)", "SPG T1"),
+        ("spg (mix)", "elbo", "SPG T1/T10"),
+        ("spg (mix)", "diffu_grpo", "SPG T1"),
+        ("spg (mix)", "wd1", "SPG T1"),
+        ("spg (eubo)", "elbo", "SPG T10"),
+        ("gdsd", "spg (mix)", gdsd_cite),
+        ("dmpo", "spg (mix)", gdsd_cite),
+    ]
+    assert (data.negative.task, data.negative.scores) == (
+        "sudoku",
+        {"zero": 68.8, "elbo": 82.4, "eubo": 86.1, "mix": 90.0},
+    )
+    assert (data.masking.task, data.masking.scores) == (
+        "countdown",
+        {"eubo": {"random": 45.4, "blockwise": 69.3}, "mix": {"random": 62.8, "blockwise": 69.9}},
+    )
+    assert (data.omega.task, data.omega.scores) == (
+        "countdown",
+        {0.0: 67.1, 0.25: 68.9, 0.5: 69.9, 0.75: 70.9, 1.0: 66.8},
+    )
+    assert (data.beta.task, data.beta.scores) == (
+        "sudoku",
+        {"eubo": {1.0: 86.1, 1.5: 37.7, 2.0: 29.3}, "mix": {1.0: 90.0, 1.5: 84.6, 2.0: 55.2}},
+    )
+    # every number names its table: SPG's by table number, the GDSD paper's by its LLaDA-8B-Instruct table
+    sources = [s.source for scores in data.main.values() for s in scores]
+    sources += [a.source for a in (data.negative, data.masking, data.omega, data.beta)]
+    assert all("Table" in source or "table" in source for source in sources)
+    # and the committed page cites the same numbers
+    page = (REPO / "docs" / "RESULTS.md").read_text().split("<!-- reproduce:begin")[1].split("<!-- reproduce:end")[0]
+    for task in reproduce.TASKS:
+        table = page.split(f"**{task}**")[1].split("claims against these runs")[0]
+        for (t, row), (score, base, cite) in CITED_MAIN.items():
+            if t == task:
+                cell = f"{score:.1f}" + ("" if base is None else f" (base {base:.1f})") + f", {cite}"
+                assert f"| `{row}` |" in table and f"| {cell} |" in table, (task, row, cell)
+    assert "| 86.1 / 37.7 / 29.3 |" in page and "| 90.0 / 84.6 / 55.2 |" in page
+
+
+BROKEN = [  # (what is changed in papers.yaml, the key the error must name, what it must say)
+    (("score: 29.2", "score: lots"), "main.sudoku.wd1[0].score", "expected a number, got 'lots'"),
+    (('base: 17.5, cite: "SPG T1 (WD1', 'cite: "SPG T1 (WD1'), "main.countdown.wd1[0].base", "missing"),
+    (("score: 84.0,", "score: 84.0, scroe: 1,"), "main.countdown.gdsd[0]", "unknown key(s) scroe"),
+    (("{a: dmpo,", "{a: dpmo,"), "main_claims[6].a", "'dpmo' is not one of main_rows"),
+    (
+        ("  wd1: {round_cost: 1.0}", "  wd1: {round_cost: 1.0}\n  sft: {round_cost: 1.0}"),
+        "main_rows",
+        "'sft' has no row",
+    ),
+    (("0.75: 70.9", "0.75: [70.9]"), "omega.scores.0.75", "expected a number"),
+    (("mix: {random: 62.8, blockwise: 69.9}", "mix: {random: 62.8}"), "masking.scores.mix.blockwise", "missing"),
+    (("beta:\n  task: sudoku", "beta:\n  task: [sudoku"), "", "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize(("change", "key", "problem"), BROKEN, ids=[k or "yaml" for _, k, _ in BROKEN])
+def test_a_malformed_papers_file_gives_one_error_naming_the_file_and_key(tmp_path, change, key, problem):
+    text = papers.PAPERS_FILE.read_text()
+    assert text.count(change[0]) == 1, change[0]
+    broken = tmp_path / "papers.yaml"
+    broken.write_text(text.replace(*change))
+    with pytest.raises(DllmRlError) as error:
+        papers.load_papers(broken)
+    message = str(error.value)
+    assert message.startswith(f"{broken}: {key}") and problem in message and "\n" not in message, message
+
+
+def test_reproduce_stops_on_a_broken_papers_file_before_running(tmp_path, monkeypatch, capsys):
+    broken = tmp_path / "papers.yaml"
+    broken.write_text(papers.PAPERS_FILE.read_text().replace("score: 29.2", "score: lots"))
+    monkeypatch.setattr(reproduce, "PAPERS_FILE", broken)
+    reproduce.papers.cache_clear()
+    try:
+        assert reproduce.main(["--report-only", "--out", str(tmp_path / "out")]) == 2
+    finally:
+        reproduce.papers.cache_clear()
+    err = capsys.readouterr().err
+    assert err == f"{reproduce.COMMAND}: error: {broken}: main.sudoku.wd1[0].score: expected a number, got 'lots'\n"
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------ write-up
@@ -230,17 +346,25 @@ def test_page_shows_its_plots(page):
     assert "| random | 0.3000 | 0.3500 | 0.4500 | 0.4000 | 0.3200 |" in grid
 
 
-def test_write_page_replaces_only_its_own_section(tmp_path):
+def test_write_section_replaces_only_its_own_section(tmp_path):
     page = tmp_path / "RESULTS.md"
     page.write_text("# Results\n\nearlier issue's text\n")
-    reproduce.write_page(page, "first\n")
-    reproduce.write_page(page, "second\n")
+    begin, end = pages.markers("reproduce", reproduce.COMMAND)
+    pages.write_section(page, "reproduce", reproduce.COMMAND, "first\n")
+    pages.write_section(page, "reproduce", reproduce.COMMAND, "second\n")
+    pages.write_section(page, "variance", "python -m dllm_rl.variance --report --page", "theirs\n")
     text = page.read_text()
     assert text.startswith("# Results\n\nearlier issue's text\n")
-    assert text.count(reproduce.BEGIN) == 1 and "second" in text and "first" not in text
+    assert text.count(begin) == 1 and "second" in text and "first" not in text and "theirs" in text
     page.write_text(text + "\n## a later section\n")
-    reproduce.write_page(page, "third\n")
-    assert page.read_text().endswith("third\n" + reproduce.END + "\n\n## a later section\n")
+    pages.write_section(page, "reproduce", reproduce.COMMAND, "third\n")
+    text = page.read_text()
+    assert "\nthird\n" + end + "\n\n<!-- variance:begin" in text and text.endswith("\n## a later section\n")
+    # a section whose begin marker names another command (the tool was renamed) is found by its name
+    pages.write_section(page, "reproduce", "python -m somewhere.else", "fourth\n")
+    text = page.read_text()
+    assert "third" not in text and text.count("<!-- reproduce:begin") == 1
+    assert "<!-- reproduce:begin (written by python -m somewhere.else; edits here are overwritten) -->" in text
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -264,7 +388,7 @@ def test_quick_reproduction_runs_end_to_end_and_writes_tables_and_plots(tmp_path
         if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     }
     env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    command = [sys.executable, "-m", "dllm_rl.reproduce", "--quick", "--out", str(out), "--page", str(page)]
+    command = [sys.executable, "-m", "dllm_rl.experiments.reproduce", "--quick", "--out", str(out), "--page", str(page)]
     done = subprocess.run(
         [*command, "--", f"cache_dir={tmp_path / 'cache'}", *SMALL],
         cwd=REPO,
@@ -293,4 +417,4 @@ def test_quick_reproduction_runs_end_to_end_and_writes_tables_and_plots(tmp_path
             assert (images / name).read_bytes().startswith(PNG_MAGIC)
     # the page again from the same runs, without running anything: one section, the same tables
     assert reproduce.main([*command[3:], "--report-only"]) == 0
-    assert page.read_text().count(reproduce.BEGIN) == 1
+    assert page.read_text().count(pages.markers("reproduce", reproduce.COMMAND)[0]) == 1

@@ -132,7 +132,7 @@ def test_sweep_runs_one_slurm_job_per_point_with_its_own_task_count(slurm_cluste
         assert sorted(p.name for p in (run_dir / "logs").glob("rank*.log")) == [f"rank{r}.log" for r in range(world)]
 
     report = subprocess.run(
-        [sys.executable, "-m", "dllm_rl.report", str(sweep)],
+        [sys.executable, "-m", "dllm_rl.experiments.report", str(sweep)],
         cwd=REPO,
         env=child_env(),
         capture_output=True,

@@ -1,4 +1,4 @@
-"""`python -m dllm_rl.report <run or sweep dir>`: every run under the directory in one report.
+"""`python -m dllm_rl.experiments.report <run or sweep dir>`: every run under the directory in one report.
 
 Writes into the directory, and prints the markdown:
   report.md, report.csv     one row per finished run (its summary.json) with the hyper-parameters that
@@ -483,7 +483,7 @@ def render(root: Path, runs: list[Run]) -> tuple[str, list[dict[str, Any]], list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dllm_rl.report",
+        prog="python -m dllm_rl.experiments.report",
         description="Every run under a run or sweep directory in one report: report.md, report.csv and "
         "plots/ written into the directory, the markdown printed.",
     )

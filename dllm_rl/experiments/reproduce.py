@@ -1,8 +1,12 @@
-"""`python -m dllm_rl.reproduce [--quick] [--out DIR] [--page FILE] [--lanes N] [-- overrides]`.
+"""`python -m dllm_rl.experiments.reproduce [--quick] [--out DIR] [--page FILE] [--lanes N] [-- overrides]`.
 
 The papers' comparisons at small scale (make reproduce / make reproduce-quick): every objective with
 its defaults, SPG's ablations and the mask-schedule x omega grid, trained from the same cached tiny
 bases on the compact Sudoku and Countdown tasks, then written up beside the papers' numbers.
+
+What it compares is data, in papers.yaml beside this file (read by papers.py): the main comparison's
+objectives and the order of its table's rows, and the papers' numbers, each naming its table. Adding
+an objective to the comparison is an entry there (with conf/objective/<name>.yaml to run).
 
 How it runs:
 - The plan is a list of chunks. A chunk is one Hydra multirun of ``python -m dllm_rl`` (one process,
@@ -13,14 +17,15 @@ How it runs:
   with mu = 4 and mu = 8 see the same number of rollouts, and evaluates every eval.every_n_rounds.
 - Runs land in <out>/<chunk>/<job>/. A finished run directory is not run again (checkpoint.resume_mode
   auto), so the same --out continues an interrupted reproduction.
-- The write-up goes to <out>/RESULTS.md and, with --page, into that file between the markers below
-  (the rest of the file is kept); its PNG plots go to results/ beside the page.
+- The write-up goes to <out>/RESULTS.md and, with --page, into that file's reproduce section (pages.py;
+  the rest of the file is kept); its PNG plots go to results/ beside the page.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -35,18 +40,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dllm_rl import report
 from dllm_rl.checkpoint import write_text_atomic
+from dllm_rl.errors import DllmRlError
+from dllm_rl.experiments import report
+from dllm_rl.experiments.pages import write_section
+from dllm_rl.experiments.papers import PAPERS_FILE, Papers, PaperScore, load_papers
 
-BEGIN = "<!-- reproduce:begin (written by python -m dllm_rl.reproduce; edits here are overwritten) -->"
-END = "<!-- reproduce:end -->"
+COMMAND = "python -m dllm_rl.experiments.reproduce"
+PAGE_SECTION = "reproduce"  # the section of --page this tool owns (pages.py)
 TASKS = ("sudoku", "countdown")
-# the objectives of the main comparison, each with its own config file's defaults (spg: the mixture)
-OBJECTIVES = ("spg", "elbo", "dmpo", "gdsd", "diffu_grpo", "wd1")
-# relative cost of one rollout round (lane scheduling only; measured on the tiny models)
-ROUND_COST = {"spg": 1.0, "elbo": 1.0, "wd1": 1.0, "diffu_grpo": 1.5, "gdsd": 3.0, "dmpo": 3.5}
-# how the main table names a configuration, and its order
-MAIN_ROWS = ("spg (mix)", "spg (eubo)", "elbo", "gdsd", "dmpo", "diffu_grpo", "wd1")
+QUICK_OBJECTIVES = ("spg", "elbo")
 MASK_OMEGA_LABEL = "${hydra:runtime.choices.objective/mask}_omega${objective.omega}"
 MASKING_BLOCK = 4  # sampler and mask block length of the masking ablation (compact tasks decode 16 tokens)
 
@@ -66,7 +69,7 @@ class Chunk:
     label: str = "${objective.name}_s${seed}"
 
     def cost(self, rounds: int) -> float:
-        per_job = statistics.fmean(ROUND_COST[o] for o in self.objectives)
+        per_job = statistics.fmean(papers().objectives[o] for o in self.objectives)
         return self.jobs * (rounds * per_job + 3.0)  # + start-up and evaluations
 
 
@@ -90,7 +93,7 @@ def _values(*xs: Any) -> str:
 def make_plan(quick: bool = False) -> Plan:
     """The full reproduction, or the quick one (1 seed, 2 rounds, spg and elbo, a 2 x 2 corner of the grid)."""
     seeds = (0,) if quick else (0, 1, 2)
-    objectives = ("spg", "elbo") if quick else OBJECTIVES
+    objectives = QUICK_OBJECTIVES if quick else tuple(papers().objectives)
     chunks: list[Chunk] = []
     for task in TASKS:
         for seed in seeds:
@@ -458,56 +461,47 @@ def _mean_sd(g: Group) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the papers
-# (task, main-table row) -> (paper's score, paper's base, where), read off the papers' tables. SPG's rows
-# are averages over lengths 128/256/512 (SPG Tables 1/8/10); DMPO and GDSD's come from the GDSD paper's
-# LLaDA-8B-Instruct results ("best" values), which give no base model row.
-PAPER_MAIN: dict[tuple[str, str], tuple[float, float | None, str]] = {
-    ("sudoku", "spg (mix)"): (90.0, 19.9, "SPG T1, avg"),
-    ("sudoku", "spg (eubo)"): (86.1, 19.9, "SPG T1, avg"),
-    ("sudoku", "elbo"): (82.4, 19.9, "SPG T10 (w/ ELBO), avg"),
-    ("sudoku", "diffu_grpo"): (23.0, 19.9, "SPG T1 (D1 re-run), avg"),
-    ("sudoku", "wd1"): (29.2, 19.9, "SPG T1 (WD1 re-run), avg"),
-    ("sudoku", "gdsd"): (89.8, None, "GDSD, LLaDA table, best"),
-    ("sudoku", "dmpo"): (32.8, None, "GDSD, LLaDA table, best"),
-    ("countdown", "spg (mix)"): (69.9, 17.5, "SPG T1, avg"),
-    ("countdown", "spg (eubo)"): (69.3, 17.5, "SPG T1, avg"),
-    ("countdown", "elbo"): (67.1, 17.5, "SPG T10 (w/ ELBO), avg"),
-    ("countdown", "diffu_grpo"): (32.1, 17.5, "SPG T1 (D1 re-run), avg"),
-    ("countdown", "wd1"): (50.6, 17.5, "SPG T1 (WD1 re-run), avg"),
-    ("countdown", "gdsd"): (84.0, None, "GDSD, LLaDA table, best"),
-    ("countdown", "dmpo"): (82.8, None, "GDSD, LLaDA table, best"),
-}
-# pairwise claims of the main comparison: (A, B, source); the paper's A - B comes from PAPER_MAIN
-MAIN_CLAIMS = (
-    ("spg (mix)", "spg (eubo)", "SPG T1"),
-    ("spg (mix)", "elbo", "SPG T1/T10"),
-    ("spg (mix)", "diffu_grpo", "SPG T1"),
-    ("spg (mix)", "wd1", "SPG T1"),
-    ("spg (eubo)", "elbo", "SPG T10"),
-    ("gdsd", "spg (mix)", "GDSD, LLaDA table (SPG 88.2 Sudoku, 70.7 Countdown)"),
-    ("dmpo", "spg (mix)", "GDSD, LLaDA table (SPG 88.2 Sudoku, 70.7 Countdown)"),
-)
-GDSD_SPG = {"sudoku": 88.2, "countdown": 70.7}  # SPG's row in the GDSD paper's own table
-PAPER_NEGATIVE = {"zero": 68.8, "elbo": 82.4, "eubo": 86.1, "mix": 90.0}  # SPG T10, Sudoku, avg
-PAPER_MASKING = {"eubo": (45.4, 69.3), "mix": (62.8, 69.9)}  # SPG T11, Countdown avg: random, blockwise
-PAPER_OMEGA = {0.0: 67.1, 0.25: 68.9, 0.5: 69.9, 0.75: 70.9, 1.0: 66.8}  # SPG T13, Countdown avg
-PAPER_BETA = {  # SPG T12, Sudoku avg
-    "eubo": {1.0: 86.1, 1.5: 37.7, 2.0: 29.3},
-    "mix": {1.0: 90.0, 1.5: 84.6, 2.0: 55.2},
-}
+@functools.cache
+def papers() -> Papers:
+    """papers.yaml (the objectives and the papers' numbers), read and checked once."""
+    return load_papers(PAPERS_FILE)
+
+
+def _row_order(label: str) -> int:
+    rows = papers().main_rows
+    return rows.index(label) if label in rows else len(rows)
+
+
+def paper_score(task: str, row: str) -> PaperScore | None:
+    """The score the main table shows for a row: the first of its papers' entries."""
+    scores = papers().main.get((task, row))
+    return scores[0] if scores else None
 
 
 def paper_difference(task: str, a: str, b: str) -> float | None:
-    """The paper's a - b (as a fraction): within SPG's tables, or within the GDSD paper's for DMPO and GDSD."""
-    pa, pb = PAPER_MAIN.get((task, a)), PAPER_MAIN.get((task, b))
-    if pa is None or pb is None:
-        return None
-    gdsd_table = {name: (GDSD_SPG[task] if name == "spg (mix)" else paper[0]) for name, paper in ((a, pa), (b, pb))}
-    if "GDSD" in pa[2] or "GDSD" in pb[2]:
-        if not all("GDSD" in p[2] or n == "spg (mix)" for n, p in ((a, pa), (b, pb))):
-            return None
-        return (gdsd_table[a] - gdsd_table[b]) / 100
-    return (pa[0] - pb[0]) / 100
+    """The paper's a - b (as a fraction), within the first paper whose table has both rows (GDSD and DMPO
+    against SPG: the GDSD paper's own SPG row); None when no one paper has both."""
+    for x in papers().main.get((task, a), ()):
+        for y in papers().main.get((task, b), ()):
+            if x.paper == y.paper:
+                return (x.score - y.score) / 100
+    return None
+
+
+def _paper_gap(scores: dict[Any, float], a: Any, b: Any) -> float | None:
+    """A paper's score of setting a minus that of setting b (as a fraction), None without both."""
+    return (scores[a] - scores[b]) / 100 if a in scores and b in scores else None
+
+
+def _inverted_u(scores: dict[float, float]) -> float | None:
+    """The paper's best interior ω minus its better end point (ω 0 or 1), as a fraction."""
+    interior = [v for w, v in scores.items() if 0.0 < w < 1.0]
+    ends = [v for w, v in scores.items() if w in (0.0, 1.0)]
+    return (max(interior) - max(ends)) / 100 if interior and ends else None
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -520,7 +514,7 @@ def main_rows(records: list[Record]) -> dict[str, dict[str, Group]]:
     main = [r for r in records if r.experiment == "main"]
     out: dict[str, dict[str, Group]] = {}
     for task in TASKS:
-        rows = {label: Group([r for r in main if r.task == task and r.label == label]) for label in MAIN_ROWS}
+        rows = {label: Group([r for r in main if r.task == task and r.label == label]) for label in papers().main_rows}
         out[task] = {k: g for k, g in rows.items() if g.n}
     return out
 
@@ -541,11 +535,15 @@ def _main_section(records: list[Record], plan: Plan) -> list[str]:
         body = []
         for label, g in rows.items():
             r0 = g.records[0]
-            paper = PAPER_MAIN.get((task, label))
+            paper = paper_score(task, label)
             paper_cell = (
                 "-"
                 if paper is None
-                else (f"{paper[0]:.1f}" + ("" if paper[1] is None else f" (base {paper[1]:.1f})") + f", {paper[2]}")
+                else (
+                    f"{paper.score:.1f}"
+                    + ("" if paper.base is None else f" (base {paper.base:.1f})")
+                    + f", {paper.cite}"
+                )
             )
             gains = Group(g.records).gains
             gain = statistics.fmean(gains)
@@ -592,8 +590,8 @@ def _main_claims(task: str, rows: dict[str, Group]) -> list[str]:
     noise = pooled_sd(list(rows.values()))
     body = []
     for label, g in rows.items():  # every objective improves on its base in its paper
-        paper = PAPER_MAIN.get((task, label))
-        paper_gain = None if paper is None or paper[1] is None else (paper[0] - paper[1]) / 100
+        paper = paper_score(task, label)
+        paper_gain = None if paper is None or paper.base is None else (paper.score - paper.base) / 100
         gains = g.gains
         gain = statistics.fmean(gains)
         sd = statistics.stdev(gains) if len(gains) > 1 else noise
@@ -607,14 +605,15 @@ def _main_claims(task: str, rows: dict[str, Group]) -> list[str]:
                 verdict(gain, se, claim_paper),
             ]
         )
-    for a, b, source in MAIN_CLAIMS:
+    for claim in papers().main_claims:
+        a, b = claim.a, claim.b
         if a not in rows or b not in rows:
             continue
         diff = rows[a].mean - rows[b].mean
         paper = paper_difference(task, a, b)
         body.append(
             [
-                f"`{a}` − `{b}` ({source})",
+                f"`{a}` − `{b}` ({claim.cite})",
                 _pts(paper),
                 _pts(diff),
                 verdict(diff, standard_error(rows[a], rows[b], noise), paper),
@@ -631,10 +630,11 @@ def _main_claims(task: str, rows: dict[str, Group]) -> list[str]:
 
 
 def _negative_section(records: list[Record]) -> list[str]:
-    main = main_rows(records).get("sudoku", {})
+    paper = papers().negative
+    main = main_rows(records).get(paper.task, {})
     rows = {
-        "zero": group(records, experiment="negative", negative="zero"),
-        "elbo": group(records, experiment="negative", negative="elbo"),
+        "zero": group(records, experiment="negative", task=paper.task, negative="zero"),
+        "elbo": group(records, experiment="negative", task=paper.task, negative="elbo"),
         "eubo": main.get("spg (eubo)", Group([])),
         "mix": main.get("spg (mix)", Group([])),
     }
@@ -643,20 +643,20 @@ def _negative_section(records: list[Record]) -> list[str]:
         return []
     noise = spg_noise(main, *rows.values())
     body = [
-        [f"`{k}`", str(g.n), _mean_sd(g), _pts(statistics.fmean(g.gains)), f"{PAPER_NEGATIVE[k]:.1f}"]
+        [f"`{k}`", str(g.n), _mean_sd(g), _pts(statistics.fmean(g.gains)), _score(paper.scores.get(k))]
         for k, g in rows.items()
     ]
     claims = []
     for a, b in (("mix", "eubo"), ("eubo", "elbo"), ("elbo", "zero"), ("mix", "zero")):
         if a in rows and b in rows:
             diff = rows[a].mean - rows[b].mean
-            paper = (PAPER_NEGATIVE[a] - PAPER_NEGATIVE[b]) / 100
+            gap = _paper_gap(paper.scores, a, b)
             claims.append(
                 [
                     f"`{a}` − `{b}`",
-                    _pts(paper),
+                    _pts(gap),
                     _pts(diff),
-                    verdict(diff, standard_error(rows[a], rows[b], noise), paper),
+                    verdict(diff, standard_error(rows[a], rows[b], noise), gap),
                 ]
             )
     return [
@@ -682,9 +682,8 @@ def _masking_section(records: list[Record], noise_by_task: dict[str, float | Non
                 continue
             diff = blk.mean - rnd.mean if rnd.n and blk.n else None
             paper = None
-            if task == "countdown":
-                r, b = PAPER_MASKING[surrogate]
-                paper = (b - r) / 100
+            if task == papers().masking.task:
+                paper = _paper_gap(papers().masking.scores.get(surrogate, {}), "blockwise", "random")
             se = standard_error(blk, rnd, noise_by_task.get(task)) if diff is not None else None
             body.append(
                 [
@@ -739,8 +738,7 @@ def _omega_section(records: list[Record], noise_by_task: dict[str, float | None]
             end = max(ends, key=lambda w: cells[w].mean)
             diff = cells[top].mean - cells[end].mean
             se = standard_error(cells[top], cells[end], noise_by_task.get(task))
-        paper = (max(PAPER_OMEGA[w] for w in (0.25, 0.5, 0.75)) - max(PAPER_OMEGA[0.0], PAPER_OMEGA[1.0])) / 100
-        paper = paper if task == "countdown" else None
+        paper = _inverted_u(papers().omega.scores) if task == papers().omega.task else None
         best = max(cells, key=lambda w: cells[w].mean)
         body.append(
             [
@@ -754,10 +752,12 @@ def _omega_section(records: list[Record], noise_by_task: dict[str, float | None]
         )
     if not body:
         return []
+    paper_omegas = papers().omega
     return [
         "#### 2c. ω sweep, mixture surrogate, blockwise masks (SPG Table 13)",
         "",
-        "Paper (Countdown avg): ω 0 / 0.25 / 0.5 / 0.75 / 1 = 67.1 / 68.9 / 69.9 / 70.9 / 66.8, an inverted U "
+        f"Paper ({paper_omegas.task.capitalize()} avg): ω {' / '.join(f'{w:g}' for w in paper_omegas.scores)} = "
+        f"{' / '.join(f'{v:.1f}' for v in paper_omegas.scores.values())}, an inverted U "
         "(Proposition 1). The claim tested: the best interior ω beats the better end point (ω = 0 is the "
         "ELBO, ω = 1 the EUBO). Sudoku's row is the blockwise row of the grid below (one seed each).",
         "",
@@ -781,11 +781,13 @@ def _omega_section(records: list[Record], noise_by_task: dict[str, float | None]
 
 
 def _beta_section(records: list[Record], noise: float | None) -> list[str]:
-    main = main_rows(records).get("sudoku", {})
+    paper = papers().beta
+    paper_betas = sorted({b for scores in paper.scores.values() for b in scores})
+    main = main_rows(records).get(paper.task, {})
     body, claims = [], []
     betas = (1.0, 1.5, 2.0, 3.0)
     for surrogate in ("eubo", "mix"):
-        cells = {b: group(records, experiment="beta", negative=surrogate, beta=b) for b in betas[1:]}
+        cells = {b: group(records, experiment="beta", task=paper.task, negative=surrogate, beta=b) for b in betas[1:]}
         cells[1.0] = main.get(f"spg ({surrogate})", Group([]))
         cells = {b: g for b, g in cells.items() if g.n}
         if not cells or set(cells) == {1.0}:
@@ -794,19 +796,19 @@ def _beta_section(records: list[Record], noise: float | None) -> list[str]:
             [
                 f"`{surrogate}`",
                 *(_mean_sd(cells[b]) if b in cells else "-" for b in betas),
-                " / ".join(f"{PAPER_BETA[surrogate][b]:.1f}" for b in (1.0, 1.5, 2.0)),
+                " / ".join(_score(paper.scores.get(surrogate, {}).get(b)) for b in paper_betas),
             ]
         )
-        for hi in (1.5, 2.0):
+        for hi in (b for b in paper_betas if b > 1.0):
             if 1.0 in cells and hi in cells:
                 diff = cells[1.0].mean - cells[hi].mean
-                paper = (PAPER_BETA[surrogate][1.0] - PAPER_BETA[surrogate][hi]) / 100
+                gap = _paper_gap(paper.scores.get(surrogate, {}), 1.0, hi)
                 claims.append(
                     [
                         f"`{surrogate}`: β 1 − β {hi:g}",
-                        _pts(paper),
+                        _pts(gap),
                         _pts(diff),
-                        verdict(diff, standard_error(cells[1.0], cells[hi], noise), paper),
+                        verdict(diff, standard_error(cells[1.0], cells[hi], noise), gap),
                     ]
                 )
     if not body:
@@ -817,7 +819,7 @@ def _beta_section(records: list[Record], noise: float | None) -> list[str]:
         "β = 1 is the main comparison's runs (the Sudoku setting of objective_task/spg_sudoku.yaml). The paper: "
         "EUBO alone collapses for β > 1 on Sudoku, the mixture much less.",
         "",
-        *_table(["surrogate", "β=1", "1.5", "2", "3", "paper β 1 / 1.5 / 2"], body),
+        *_table(["surrogate", "β=1", "1.5", "2", "3", "paper β " + " / ".join(f"{b:g}" for b in paper_betas)], body),
         "",
         *_table(["claim", "paper (pts)", "here (pts)", "verdict"], claims),
         "",
@@ -859,7 +861,7 @@ def _curves(records: list[Record], images: Path, prefix: str) -> list[str]:
             if not of_task:
                 continue
             grouped: dict[str, list[dict[int, float]]] = defaultdict(list)
-            for r in sorted(of_task, key=lambda r: MAIN_ROWS.index(r.label) if r.label in MAIN_ROWS else 99):
+            for r in sorted(of_task, key=lambda r: _row_order(r.label)):
                 if getattr(r, attr):
                     grouped[r.label].append(getattr(r, attr))
             if grouped:
@@ -912,7 +914,7 @@ def render_page(
     lines = [
         f"## Small-scale reproduction of the papers' comparisons (`{command}`)",
         "",
-        f"Written by `python -m dllm_rl.reproduce` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: "
+        f"Written by `{COMMAND}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: "
         f"{len(records)} finished runs of the {plan.runs} planned, {lanes} lane(s) side by side on "
         f"{os.cpu_count()} CPU core(s), wall time **{wall}** (base preparation included).",
         "",
@@ -988,23 +990,6 @@ def _at_a_glance(section: list[str]) -> list[str]:
     return [*lines, ""]
 
 
-def write_page(page: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
-    """The section between the markers ``begin`` / ``end`` of page (replaced), or appended to it, or a new page."""
-    block = f"{begin}\n{section}{end}\n"
-    if page.is_file():
-        text = page.read_text()
-        if begin in text and end in text:
-            head, rest = text.split(begin, 1)
-            tail = rest.split(end, 1)[1].lstrip("\n")
-            text = head + block + ("\n" + tail if tail else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    else:
-        text = "# Results\n\n" + block
-    page.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(page, text)
-
-
 def write_csv(path: Path, records: list[Record]) -> None:
     columns = [
         "experiment",
@@ -1036,7 +1021,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
     parser = argparse.ArgumentParser(
-        prog="python -m dllm_rl.reproduce",
+        prog=COMMAND,
         description=" ".join(__doc__.split("\n\n")[1].split()),  # the docstring's first paragraph
         epilog="Arguments after -- are Hydra overrides given to every run (e.g. -- cache_dir=/scratch/cache).",
     )
@@ -1055,6 +1040,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        papers()
+    except DllmRlError as exc:  # a broken papers.yaml: one line, before anything runs
+        print(f"{COMMAND}: error: {exc}", file=sys.stderr)
+        return 2
     plan = make_plan(args.quick)
     name = "reproduce-quick" if args.quick else "reproduce"
     root = args.out or Path("outputs") / name / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -1080,7 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
         section = render_page(
             records, unfinished, failed, plan, page.parent / "results", "results/", wall, args.lanes, command
         )
-        write_page(page, section)
+        write_section(page, PAGE_SECTION, COMMAND, section)
     write_csv(root / "runs.csv", records)
     print(
         f"{len(records)} runs finished; wrote {', '.join(str(p) for p in pages)} and {root / 'runs.csv'}"
