@@ -37,7 +37,7 @@ class LoraCfg:
     )
 
 
-class Family(Enum):
+class FamilyName(Enum):
     tiny = "tiny"
     llada = "llada"
     dream = "dream"
@@ -62,7 +62,7 @@ class ChatTemplate(Enum):
 @dataclass
 class ModelCfg:
     name: str = MISSING
-    family: Family = Family.tiny
+    family: FamilyName = FamilyName.tiny
     path: str | None = None
     requires_path: bool = False
     adapter: str | None = None
