@@ -38,8 +38,10 @@ and after the grid, best sample).
 Random weights caveat: a randomly initialised model predicts near-uniform distributions, so a 0.9
 threshold never fires and threshold decoding degenerates to one token per step (NFE = gen_length).
 ``--logit-scale S`` multiplies the LM head (``get_output_embeddings()``) by S, which sharpens the
-predictions until the threshold fires; the tokens per step it achieves are in the table. Only the
-accuracy part shows what the threshold does on a trained model.
+predictions until the threshold fires; the tokens per step it achieves are in the table. How large S must
+be depends on the model's size, so ``--logit-scale auto`` finds it: it doubles S from 1 until threshold
+decoding of one block after the first prompt commits two tokens per step (``calibrate_logit_scale``). Only
+the accuracy part shows what the threshold does on a trained model.
 """
 
 from __future__ import annotations
@@ -103,6 +105,15 @@ def _variant_list(text: str) -> list[str]:
     return names
 
 
+def _logit_scale(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number or 'auto'") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--variants", type=_variant_list, default=list(VARIANTS), help="comma-separated")
@@ -123,7 +134,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--block-length", type=int, default=32, help="B")
     s.add_argument("--steps", type=int, default=None, help="T, denoising steps in all (default: gen_length/2)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (evaluation, Fast-dLLM)")
-    s.add_argument("--logit-scale", type=float, default=1.0, help="multiply the LM head by this (module doc)")
+    s.add_argument(
+        "--logit-scale",
+        type=_logit_scale,
+        default=1.0,
+        help="multiply the LM head by this, or 'auto': the first power of 2 at which the threshold fires (module doc)",
+    )
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: bfloat16 on cuda")
     s.add_argument("--repeats", type=int, default=3, help="timed runs per cell after one warm-up (median)")
     s.add_argument("--seed", type=int, default=0)
@@ -152,7 +168,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         for name in ("prompt_length", "block_length"):
             if getattr(args, name) < 1:
                 p.error(f"--{name.replace('_', '-')} must be >= 1")
-        if args.logit_scale <= 0:
+        if args.logit_scale != "auto" and args.logit_scale <= 0:
             p.error("--logit-scale must be positive")
         for gen in args.gen_lengths:
             if gen % args.block_length:
@@ -297,13 +313,56 @@ def build_random_policy(cfg: dict[str, Any], device: torch.device, logit_scale: 
     policy.model.to(device)
     head = policy.model.get_output_embeddings()
     tied = head.weight.data_ptr() == policy.model.get_input_embeddings().weight.data_ptr()
-    if logit_scale != 1.0:
-        with torch.no_grad():
-            head.weight.mul_(logit_scale)
-            if getattr(head, "bias", None) is not None:
-                head.bias.mul_(logit_scale)
+    sharpen_head(policy, logit_scale)
     spg.synchronize(device)
     return policy, {"logit_scale": logit_scale, "head_tied_to_input_embeddings": bool(tied)}
+
+
+def sharpen_head(policy: Any, factor: float) -> None:
+    """Multiply the LM head (weight and bias) by ``factor`` in place: every logit grows by that factor."""
+    if factor == 1.0:
+        return
+    head = policy.model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.mul_(factor)
+        if getattr(head, "bias", None) is not None:
+            head.bias.mul_(factor)
+
+
+def calibrate_logit_scale(
+    policy: Any,
+    sampler_cfg: dict[str, Any],
+    ids: torch.Tensor,
+    attn: torch.Tensor,
+    threshold: float,
+    block_length: int,
+    seed: int,
+    target: float = 2.0,
+    limit: float = 2.0**16,
+) -> dict[str, Any]:
+    """Double the LM head's scale until threshold decoding of one block commits ``target`` tokens per step.
+
+    Random weights predict almost uniform distributions, so the threshold never fires at scale 1; how far
+    the logits must be stretched depends on the model's size. Each try decodes one block (greedy, no
+    cache) after the prompts ``ids`` and reads the tokens committed per forward; the head is left at the
+    first scale that reaches ``target`` (default: the fixed schedule's two tokens per step at steps =
+    L / 2), or at ``limit``. Returns the scale and every try."""
+    from dllm_rl.samplers import get_sampler
+
+    scfg = sampler_config(
+        sampler_cfg, "threshold", threshold, gen_length=block_length, block_length=block_length, steps=block_length
+    )
+    sampler = get_sampler(scfg)
+    scale, tries = 1.0, []
+    with policy.scoring():
+        while True:
+            _, out = time_call(policy, sampler, ids, attn, 0.0, seed)
+            tries.append({"scale": scale, "tokens_per_step_mean": float(out.stats["tokens_per_step_mean"])})
+            if tries[-1]["tokens_per_step_mean"] >= target or scale >= limit:
+                break
+            sharpen_head(policy, 2.0)  # exact in every float format: only the exponent changes
+            scale *= 2.0
+    return {"logit_scale": scale, "target_tokens_per_step": target, "tries": tries}
 
 
 def time_call(policy: Any, sampler: Any, ids: torch.Tensor, attn: torch.Tensor, temperature: float, seed: int):
@@ -317,60 +376,71 @@ def time_call(policy: Any, sampler: Any, ids: torch.Tensor, attn: torch.Tensor, 
         return time.perf_counter() - start, out
 
 
-def speed_cell(
-    args: argparse.Namespace, cfg: dict, policy: Any, arch: dict, ids: torch.Tensor, attn: torch.Tensor, gen: int
-) -> list[dict[str, Any]]:
+def measure_variant(
+    args: argparse.Namespace,
+    cfg: dict,
+    policy: Any,
+    arch: dict,
+    ids: torch.Tensor,
+    attn: torch.Tensor,
+    gen: int,
+    variant: str,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """One variant on one batch of prompts: a warm-up call, then the median of ``--repeats`` timed calls;
+    the row of numbers and the completion tokens (for the comparison with plain)."""
     from dllm_rl.samplers import get_sampler
 
     batch, prompt = ids.shape
     steps = steps_for(args, gen)
-    rows: list[dict[str, Any]] = []
-    plain: dict[str, Any] | None = None
-    sizes = {"gen_length": gen, "block_length": args.block_length, "steps": steps}
+    scfg = sampler_config(
+        cfg["sampler"], variant, args.threshold, gen_length=gen, block_length=args.block_length, steps=steps
+    )
+    sampler = get_sampler(scfg)
     with policy.scoring():
-        for variant in args.variants:
-            scfg = sampler_config(cfg["sampler"], variant, args.threshold, **sizes)
-            sampler = get_sampler(scfg)
-            warmup, _ = time_call(policy, sampler, ids, attn, args.temperature, args.seed)
-            runs = [time_call(policy, sampler, ids, attn, args.temperature, args.seed) for _ in range(args.repeats)]
-            seconds = statistics.median(s for s, _ in runs)
-            out = runs[0][1]
-            per_row = window_flops(arch, out.forward_tokens, prompt + gen)
-            flops = batch * per_row
-            row = {
-                "gen_length": gen,
-                "batch_size": batch,
-                "prompt_length": prompt,
-                "block_length": args.block_length,
-                "steps": steps,
-                "variant": variant,
-                "cache": scfg["cache"],
-                "threshold": scfg["threshold"],
-                "sampler": scfg,
-                "seconds": seconds,
-                "seconds_repeats": [s for s, _ in runs],
-                "warmup_seconds": warmup,
-                "generated_tokens": batch * gen,
-                "tokens_per_second": batch * gen / seconds,
-                "nfe": out.nfe,
-                "nfe_repeats": [o.nfe for _, o in runs],
-                "nfe_per_token": out.nfe / gen,
-                "forward_tokens": out.forward_tokens,
-                "forward_tokens_per_token": out.forward_tokens / gen,
-                **{k: float(v) for k, v in out.stats.items()},
-                "flops": flops,
-                "flops_per_forward_mean": flops / max(out.nfe, 1),
-                "achieved_flops_per_second": flops / seconds,
-                "_completion": out.completion_ids,
-            }
-            if variant == "plain":
-                plain = row
-            rows.append(row)
-    reference = plain["_completion"] if plain else None
-    for row in rows:
-        completion = row.pop("_completion")
-        row["speedup_vs_plain"] = plain["seconds"] / row["seconds"] if plain else None
-        row["token_agreement_with_plain"] = _agreement(completion, reference) if plain else None
+        warmup, _ = time_call(policy, sampler, ids, attn, args.temperature, args.seed)
+        runs = [time_call(policy, sampler, ids, attn, args.temperature, args.seed) for _ in range(args.repeats)]
+    seconds = statistics.median(s for s, _ in runs)
+    out = runs[0][1]
+    flops = batch * window_flops(arch, out.forward_tokens, prompt + gen)
+    row = {
+        "gen_length": gen,
+        "batch_size": batch,
+        "prompt_length": prompt,
+        "block_length": args.block_length,
+        "steps": steps,
+        "variant": variant,
+        "cache": scfg["cache"],
+        "threshold": scfg["threshold"],
+        "sampler": scfg,
+        "seconds": seconds,
+        "seconds_repeats": [s for s, _ in runs],
+        "warmup_seconds": warmup,
+        "generated_tokens": batch * gen,
+        "tokens_per_second": batch * gen / seconds,
+        "nfe": out.nfe,
+        "nfe_repeats": [o.nfe for _, o in runs],
+        "nfe_per_token": out.nfe / gen,
+        "forward_tokens": out.forward_tokens,
+        "forward_tokens_per_token": out.forward_tokens / gen,
+        **{k: float(v) for k, v in out.stats.items()},
+        "flops": flops,
+        "flops_per_forward_mean": flops / max(out.nfe, 1),
+        "achieved_flops_per_second": flops / seconds,
+    }
+    return row, out.completion_ids
+
+
+def speed_cell(
+    args: argparse.Namespace, cfg: dict, policy: Any, arch: dict, ids: torch.Tensor, attn: torch.Tensor, gen: int
+) -> list[dict[str, Any]]:
+    """Every variant of ``--variants`` on one cell, with its speed-up over plain and token agreement."""
+    measured = [measure_variant(args, cfg, policy, arch, ids, attn, gen, variant) for variant in args.variants]
+    plain = next(((row, completion) for row, completion in measured if row["variant"] == "plain"), None)
+    rows = []
+    for row, completion in measured:
+        row["speedup_vs_plain"] = plain[0]["seconds"] / row["seconds"] if plain else None
+        row["token_agreement_with_plain"] = _agreement(completion, plain[1]) if plain else None
+        rows.append(row)
     return rows
 
 
@@ -378,7 +448,8 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     cfg = speed_config(args)
     device = _device(args.device)
     start = time.perf_counter()
-    policy, scale_info = build_random_policy(cfg, device, args.logit_scale)
+    auto = args.logit_scale == "auto"
+    policy, scale_info = build_random_policy(cfg, device, 1.0 if auto else args.logit_scale)
     setup_seconds = time.perf_counter() - start
     arch = spg.architecture(policy.model)
     dtype = getattr(torch, cfg["model"]["dtype"])
@@ -386,6 +457,11 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     biggest = max(args.batch_sizes)
     prompts = spg.synthetic_prompts(policy, biggest, args.prompt_length, args.seed)
     all_ids, all_attn = policy.encode_prompts(prompts)
+    if auto:
+        calibration = calibrate_logit_scale(
+            policy, cfg["sampler"], all_ids[:1], all_attn[:1], args.threshold, args.block_length, args.seed
+        )
+        scale_info.update(logit_scale=calibration["logit_scale"], logit_scale_calibration=calibration)
     rows: list[dict[str, Any]] = []
     for gen in args.gen_lengths:
         for batch in args.batch_sizes:

@@ -71,7 +71,7 @@ def run_hydra(cfg: DictConfig) -> float | None:
         with rundir.owner_lock(run_dir, owner):
             wrote_config = rundir.claim_config(config_path, OmegaConf.to_yaml(plain), write=owner)
             if cfg.cluster.launcher == "external" and not in_slurm_task():
-                command = worker_command(config_path, int(cfg.cluster.nproc))
+                command = worker_command(config_path, int(cfg.cluster.nproc), int(cfg.cluster.nodes))
                 log.info("config written to %s; start the workers with: %s", config_path, command)
                 print(command)
                 return None

@@ -868,8 +868,9 @@ def validate(cfg: Any) -> None:
         f"cluster.launcher={cl['launcher']!r} must be one of {', '.join(LAUNCHERS)}",
     )
     need(
-        cl["launcher"] == "slurm" or int(cl.get("nodes", 1)) == 1,
-        f"cluster.nodes={cl.get('nodes')} needs cluster=slurm (cluster.launcher={cl['launcher']} runs on this machine)",
+        cl["launcher"] != "local" or int(cl.get("nodes", 1)) == 1,
+        f"cluster.nodes={cl.get('nodes')} needs cluster=slurm or cluster.launcher=external (torchrun on every node); "
+        "cluster.launcher=local runs on this machine",
     )
     need(cl["backend"] in ("gloo", "nccl"), f"cluster.backend={cl['backend']!r} must be 'gloo' or 'nccl'")
     need(cl["device"] in ("cpu", "cuda"), f"cluster.device={cl['device']!r} must be 'cpu' or 'cuda'")

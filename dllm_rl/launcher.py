@@ -8,18 +8,23 @@ The Hydra process composes, validates and resolves the config once; ``start`` th
 - under torchrun or the deepspeed launcher (RANK is set): this process is that rank;
 - cluster.launcher=local: one process runs the worker itself; with cluster.nproc > 1 it starts the
   workers with torch's elastic launch API (spawned, c10d rendezvous on a free local port);
-- cluster.launcher=external: nothing runs; the command that would start the workers is returned.
+- cluster.launcher=external: nothing runs; the command that would start the workers is returned (on
+  several nodes, the torchrun line each node runs).
 
 Workers never parse argv or call Hydra; they receive the resolved dict.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shlex
+import socket
+import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +61,11 @@ def export_slurm_environment(cfg: dict[str, Any]) -> None:
         return  # already exported (e.g. a torchrun inside an allocation)
     # submitit's own jobs say which environment they run in; a plain srun of the worker does not.
     os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
+    dist_env = TorchDistributedEnvironment()
+    # submitit takes the first node's name as the rendezvous address; a cluster may name nodes apart from hosts.
+    dist_env.master_addr = node_address(dist_env.master_addr)
     # Each GPU task keeps all of the node's GPUs visible and picks cuda:<local rank> (worker.run).
-    env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    env = dist_env.export(set_cuda_visible_devices=False)
     expected = world_size(cfg["cluster"])
     if env.world_size != expected:
         raise ConfigError(
@@ -66,12 +74,72 @@ def export_slurm_environment(cfg: dict[str, Any]) -> None:
         )
 
 
-def worker_command(config_path: Path, nproc: int) -> str:
-    """The command that starts the run's workers by hand (cluster.launcher=external)."""
+def node_address(name: str) -> str:
+    """A SLURM node's name when it resolves as a host name, else the address SLURM has for the node
+    (its NodeAddr: slurm.conf may give nodes names of their own, as the two-node test cluster does)."""
+    try:
+        socket.getaddrinfo(name, None)
+        return name
+    except (socket.gaierror, UnicodeError):
+        pass
+    try:
+        shown = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return name
+    for field in shown.stdout.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1]
+    return name
+
+
+def worker_command(config_path: Path, nproc: int, nodes: int = 1) -> str:
+    """The command that starts the run's workers by hand (cluster.launcher=external).
+
+    On several nodes it is one line for every node: torchrun's c10d rendezvous at $MASTER_ADDR:$MASTER_PORT
+    (an address of the first node, set in each node's shell) gives the nodes their ranks, and the
+    rendezvous id is derived from the run directory, so all nodes of one run agree on it."""
     path = shlex.quote(str(config_path))
+    if nodes > 1:
+        run_id = hashlib.sha256(str(Path(config_path).absolute().parent).encode()).hexdigest()[:16]
+        return (
+            f"torchrun --nnodes {nodes} --nproc_per_node {nproc} --rdzv-backend c10d "
+            f'--rdzv-endpoint "$MASTER_ADDR:${{MASTER_PORT:-29500}}" --rdzv-id {run_id} -m dllm_rl.worker {path}'
+        )
     if nproc == 1:
         return f"python -m dllm_rl.worker {path}"
     return f"torchrun --standalone --nproc_per_node {nproc} -m dllm_rl.worker {path}"
+
+
+def rank_layout(cluster: dict[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Where this process sits in cluster.nodes x cluster.nproc, from what its launcher exported.
+
+    torchrun and torch elastic launch set GROUP_RANK (the node's rank), LOCAL_RANK and LOCAL_WORLD_SIZE,
+    the deepspeed launcher CROSS_RANK and LOCAL_SIZE; inside a SLURM task the node is SLURM_NODEID
+    (submitit's export adds the others). ``expected_rank`` is node_rank * cluster.nproc + local_rank, the
+    block layout of torchrun and of SLURM's default distribution. A node that started another number of
+    processes than cluster.nproc is a ConfigError: its ranks would be counted against the wrong node."""
+    env = os.environ if env is None else env
+    nproc = int(cluster["nproc"])
+
+    def read(*keys: str) -> int | None:
+        return next((int(env[k]) for k in keys if env.get(k, "") != ""), None)
+
+    layout = {
+        "rank": read("RANK", "SLURM_PROCID") or 0,
+        "world_size": read("WORLD_SIZE", "SLURM_NTASKS") or 1,
+        "node_rank": read("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID") or 0,
+        "local_rank": read("LOCAL_RANK", "SLURM_LOCALID") or 0,
+        "local_world_size": read("LOCAL_WORLD_SIZE", "LOCAL_SIZE") or nproc,
+        "host": socket.gethostname(),
+        "slurm_node": env.get("SLURMD_NODENAME"),
+    }
+    layout["expected_rank"] = layout["node_rank"] * nproc + layout["local_rank"]
+    if layout["local_world_size"] != nproc:
+        raise ConfigError(
+            f"{layout['local_world_size']} processes were started on node {layout['node_rank']}, but "
+            f"cluster.nproc={nproc} (start cluster.nproc per node, cluster.nodes nodes)"
+        )
+    return layout
 
 
 def start(cfg: dict[str, Any]) -> dict[str, Any] | None:

@@ -84,7 +84,9 @@ def optimizer_config(o: dict[str, Any]) -> dict[str, Any]:
 
 def deepspeed_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """DeepSpeed's dict: the deepspeed group's own keys plus the batch arithmetic and optimizer."""
-    world = int(cfg["cluster"]["nproc"])
+    from dllm_rl.config import world_size
+
+    world = world_size(cfg["cluster"])
     completions = cfg["rollout"]["prompts_per_step"] * cfg["rollout"]["samples_per_prompt"]
     micro = int(cfg["train"]["micro_batch_per_gpu"])
     o = cfg["optim"]
@@ -226,6 +228,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _gather_layouts(layout: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's ``launcher.rank_layout``, in rank order (collective; after the device is set, as NCCL needs)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [layout]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, layout)
+    return out
+
+
 def _device(cfg: dict[str, Any]) -> torch.device:
     """cpu, or cuda:<local rank> (each process of a node drives its own GPU)."""
     if cfg["cluster"]["device"] != "cuda":
@@ -342,7 +355,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """
     from dllm_rl.config import world_size
     from dllm_rl.console import detach_library_loggers, library_output_to
-    from dllm_rl.launcher import Preempted, global_rank
+    from dllm_rl.launcher import Preempted, global_rank, rank_layout
     from dllm_rl.preemption import StopRequests
     from dllm_rl.tasks import get_task
     from dllm_rl.tracking import Tracker
@@ -371,6 +384,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
                 f"{world} processes joined, but the config asks for cluster.nodes*cluster.nproc="
                 f"{world_size(cfg['cluster'])} (start as many as it says)"
             )
+        layout = rank_layout(cfg["cluster"])
         # Rank 0 generates the data and warm-starts the base into the cache; the others then read them.
         if not main:
             _barrier()
@@ -379,6 +393,12 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         if main:
             _barrier()
         sampler, objective, engine = build_training(cfg, policy, _device(cfg))
+        ranks = _gather_layouts({**layout, "rank": rank, "world_size": world})
+        if main and world > 1:
+            log.info(
+                "ranks: %s",
+                ", ".join(f"{r['rank']} = node {r['node_rank']} local {r['local_rank']} ({r['host']})" for r in ranks),
+            )
         resume = resume_point(cfg, run_dir)
         if resume is None or run_dir.absolute() not in resume.absolute().parents:
             # The result continues no earlier attempt of this directory: its wall time starts here.
@@ -425,6 +445,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "task": cfg["task"]["name"],
         "seed": cfg["seed"],
         "world_size": world,
+        # every rank's place: node rank, local rank, host (launcher.rank_layout)
+        "ranks": ranks,
         "base_model": base_info,
         **result,
         "base_metric": result["base"][primary] if result["base"] else None,

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Submit one run by hand, without Hydra's submitit launcher (cluster=slurm does all of this for you):
 #   sbatch launch/sbatch_example.sh objective=spg task=sudoku model=llada_8b_instruct model.path=/ckpt
+# Several nodes: sbatch --nodes=2 launch/sbatch_example.sh ... (global rank = node rank x tasks per node
+# + local rank; the config gets cluster.nodes and cluster.nproc from SLURM below).
 # Arguments are dllm_rl overrides. sbatch options given on the command line replace the #SBATCH lines,
 # e.g. the CPU test cluster of launch/slurm_local.sh:
 #   sbatch --gpus-per-node=0 --cpus-per-task=1 --ntasks-per-node=2 --partition=debug \

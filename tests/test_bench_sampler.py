@@ -183,3 +183,13 @@ def test_paired_difference_band():
     shift = bench.paired_difference([1.0, 1.0], [0.0, 0.0])  # every example better: no spread, not noise
     assert shift["band"] == 0 and shift["within_noise"] is False
     assert bench.paired_difference([1.0], [0.0])["within_noise"] is None
+
+
+def test_logit_scale_takes_a_number_or_auto():
+    bench = load_sampler_bench()
+    base = ["speed", "--device=cpu"]
+    assert bench.parse_args([*base, "--logit-scale=auto"]).logit_scale == "auto"
+    assert bench.parse_args([*base, "--logit-scale=300"]).logit_scale == 300.0
+    for bad in ("sharp", "0"):
+        with pytest.raises(SystemExit):
+            bench.parse_args([*base, f"--logit-scale={bad}"])

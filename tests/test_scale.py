@@ -6,15 +6,19 @@ DeepSpeed over gloo, torchrun, real signals):
   uninterrupted run; so does a run killed outright after a checkpoint inside a rollout round;
 - a damaged newest checkpoint is detected and the previous one resumed from, with a warning;
 - cluster.launcher=external prints the torchrun command, and torchrun runs the written config;
-  a finished run directory is not trained again.
+  a finished run directory is not trained again;
+- two nodes for real: two torchrun agents (one process each, c10d rendezvous) take the same steps as
+  one process, and every rank knows its node and local rank.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -120,6 +124,92 @@ def test_two_processes_take_the_same_steps_as_one(cache, tmp_path, one_process, 
         again = resume(run_dir)
         assert json.loads(again.stdout.strip().splitlines()[-1])["final_metric"] == summary["final_metric"]
         assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+# Two optimizer steps of 16 completions in micro-batches of 8: one process accumulates two micro-batches
+# (GAS 2), two processes take one each (GAS 1), so the reduction adds the same two halves of the gradient
+# and the runs agree bit for bit.
+WHOLE_SHARES = [
+    "objective.inner_iterations=1",
+    "train.steps=2",
+    "train.micro_batch_per_gpu=8",
+    "eval.every_n_steps=0",
+    "deepspeed=zero2",
+]
+
+
+def test_two_nodes_take_the_same_steps_as_one_process(cache, tmp_path):
+    """Two torchrun agents, one per "node" (--nnodes 2, one process each, c10d rendezvous on 127.0.0.1),
+    each running the line cluster.launcher=external prints for cluster.nodes=2: python -m dllm_rl.worker
+    on the written config, as launch/sbatch_example.sh does under srun. The rendezvous hands out the node
+    ranks. The run equals one process with the same global batch bit for bit (weights, rewards, losses),
+    and every rank records its place: global rank = node rank * nproc + local rank."""
+    reference, run_dir = tmp_path / "one", tmp_path / "two_nodes"
+    cli(cache, reference, *WHOLE_SHARES)
+    args = [*WHOLE_SHARES, "cluster.nodes=2", "cluster.nproc=1", "cluster.launcher=external"]
+    printed = cli(cache, run_dir, *args).stdout.strip().splitlines()[-1]
+    assert printed.startswith("torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d ")
+    assert printed.endswith(f"-m dllm_rl.worker {run_dir / 'config.yaml'}")
+    # The same line on both nodes; each node's shell supplies the first node's address.
+    command = shlex.quote(str(Path(sys.executable).with_name("torchrun"))) + printed.removeprefix("torchrun")
+    env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    agents = [
+        subprocess.Popen(
+            ["bash", "-c", command], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        results = [agent.communicate(timeout=600) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    for agent, (_, err) in zip(agents, results, strict=True):
+        assert agent.returncode == 0, err[-3000:]
+
+    one_steps, two_steps = steps(reference), steps(run_dir)
+    assert [r["step"] for r in two_steps] == [1, 2]
+    for a, b in zip(one_steps, two_steps, strict=True):
+        for key in ("reward_mean", "reward_std", "loss"):
+            assert b[key] == a[key], key
+        # the norm's partial sums are added per rank, then across ranks: the last bits may differ
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6)
+    assert_same_weights(weights(reference), weights(run_dir))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["final_metric"] == json.loads((reference / "summary.json").read_text())["final_metric"]
+    ranks = summary["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and sorted(r["node_rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        assert r["rank"] == r["expected_rank"] == r["node_rank"] * 1 + r["local_rank"]
+        assert (r["local_rank"], r["local_world_size"], r["world_size"]) == (0, 1, 2)
+    # Only the agent of rank 0 printed the result line.
+    assert sum(out.strip().startswith("{") for out, _ in results) == 1
+
+
+def test_rank_layout_is_node_major():
+    """nodes x nproc = 2 x 2 as torchrun and as SLURM export it; a node with another process count is refused."""
+    from dllm_rl.errors import ConfigError
+    from dllm_rl.launcher import rank_layout
+
+    cluster = {"nproc": 2, "nodes": 2}
+    for node in (0, 1):
+        for local in (0, 1):
+            rank = node * 2 + local
+            torchrun = {"RANK": rank, "WORLD_SIZE": 4, "GROUP_RANK": node, "LOCAL_RANK": local, "LOCAL_WORLD_SIZE": 2}
+            slurm = {"SLURM_PROCID": rank, "SLURM_NTASKS": 4, "SLURM_NODEID": node, "SLURM_LOCALID": local}
+            for env in (torchrun, slurm):
+                layout = rank_layout(cluster, {k: str(v) for k, v in env.items()})
+                assert (layout["rank"], layout["node_rank"], layout["local_rank"]) == (rank, node, local)
+                assert layout["expected_rank"] == rank and layout["world_size"] == 4
+    with pytest.raises(ConfigError, match="3 processes were started on node 1, but cluster.nproc=2"):
+        rank_layout(cluster, {"RANK": "5", "GROUP_RANK": "1", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3"})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 RESUME = [

@@ -1,6 +1,7 @@
 """cluster=slurm for real: a one-node SLURM cluster on this machine (launch/slurm_local.sh), a sweep
 of two jobs submitted through Hydra's submitit launcher (1 task and 2 gloo tasks), then the report;
-and the by-hand batch script (launch/sbatch_example.sh).
+and the by-hand batch script (launch/sbatch_example.sh). A second cluster of two nodes on the same
+machine (two slurmd daemons, ``slurm_local.sh --nodes 2``) runs a 2-node job both ways.
 
 The only tests that need SLURM. They install and start it (root on Debian/Ubuntu, as in CI) and
 skip elsewhere; a second run finds the cluster up and only verifies it.
@@ -65,24 +66,91 @@ def test_cluster_slurm_composes_a_typed_cluster_and_the_launcher_fields_from_it(
     assert launcher["max_num_timeout"] == cfg.cluster.max_requeues
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster():
+def start_cluster(*args: str) -> str:
+    """launch/slurm_local.sh with ``args``; the SLURM_CONF its last line names."""
     if os.geteuid() != 0:
         pytest.skip("the SLURM test cluster needs root (launch/slurm_local.sh installs and starts daemons)")
     if not (shutil.which("apt-get") and shutil.which("dpkg")):
         pytest.skip("the SLURM test cluster needs Debian/Ubuntu (apt-get, dpkg) to install SLURM")
     proc = subprocess.run(
-        ["bash", str(REPO / "launch" / "slurm_local.sh")], capture_output=True, text=True, timeout=900
+        ["bash", str(REPO / "launch" / "slurm_local.sh"), *args], capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     print(proc.stdout)
+    return proc.stdout.strip().splitlines()[-1].rsplit("SLURM_CONF=", 1)[1]
 
 
-def _cancel_jobs(sweep: Path) -> None:
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    start_cluster()
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster() -> str:
+    """The second test cluster: two slurmd daemons on this machine (nodes dllm0, dllm1); its SLURM_CONF."""
+    return start_cluster("--nodes", "2")
+
+
+def _cancel_jobs(sweep: Path, env: dict[str, str] | None = None) -> None:
     """Cancel whatever this sweep left in the queue (its job ids name the .submitit folders)."""
     ids = {p.name.split("_")[0] for p in (sweep / ".submitit").glob("*") if p.is_dir()}
     if ids:
-        subprocess.run(["scancel", *sorted(ids)], capture_output=True, timeout=60)
+        subprocess.run(["scancel", *sorted(ids)], capture_output=True, timeout=60, env=env)
+
+
+def sbatch_example(tmp_path: Path, env: dict[str, str], options: list[str], overrides: list[str]) -> Path:
+    """launch/sbatch_example.sh submitted with sbatch ``options`` and the run's ``overrides``, waited for;
+    the run directory it wrote (relative to the submission directory, ``tmp_path``)."""
+    start = time.perf_counter()
+    job_id = None
+    try:
+        proc = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "--wait",
+                "--time=5",
+                "--gpus-per-node=0",
+                "--cpus-per-task=1",
+                *options,
+                f"--output={tmp_path}/%x-%j.out",
+                str(REPO / "launch" / "sbatch_example.sh"),
+                *overrides,
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=SUBMIT_TIMEOUT_S,
+        )
+        job_id = proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else None
+    finally:
+        if job_id:
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=60, env=env)
+    print(f"sbatch_example.sh {' '.join(options)}: {time.perf_counter() - start:.1f} s wall")
+    log = "\n".join(p.read_text(errors="replace")[-3000:] for p in tmp_path.glob("*.out"))
+    assert proc.returncode == 0, proc.stderr[-2000:] + log
+    return tmp_path / "outputs" / "dllm_rl" / job_id
+
+
+def submit(sweep: Path, env: dict[str, str], overrides: list[str]) -> None:
+    """``python -m dllm_rl <overrides>`` with cluster=slurm among them, into ``sweep``, waited for; whatever
+    it leaves in the queue is cancelled."""
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dllm_rl", *overrides, f"hydra.sweep.dir={sweep}"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=SUBMIT_TIMEOUT_S,
+        )
+    finally:
+        _cancel_jobs(sweep, env)
+    print(f"cluster=slurm submission: {time.perf_counter() - start:.1f} s wall")
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(sweep.glob(".submitit/*/*_log.*")))
+    assert proc.returncode == 0, proc.stderr[-3000:] + logs
 
 
 @pytest.fixture(scope="module")
@@ -94,32 +162,8 @@ def cache(tmp_path_factory):
 @pytest.mark.slow
 def test_sweep_runs_one_slurm_job_per_point_with_its_own_task_count(slurm_cluster, cache, tmp_path):
     sweep = tmp_path / "sweep"
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dllm_rl",
-                "-m",
-                *CPU_CLUSTER,
-                *TINY,
-                "cluster.nproc=1,2",
-                f"cache_dir={cache}",
-                f"hydra.sweep.dir={sweep}",
-                "hydra.sweep.subdir=${hydra.job.num}",
-            ],
-            cwd=REPO,
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=SUBMIT_TIMEOUT_S,
-        )
-    finally:
-        _cancel_jobs(sweep)
-    print(f"SLURM sweep of 2 jobs: {time.perf_counter() - start:.1f} s wall")
-    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(sweep.glob(".submitit/*/*_log.*")))
-    assert proc.returncode == 0, proc.stderr[-3000:] + logs
+    overrides = [*CPU_CLUSTER, *TINY, "cluster.nproc=1,2", f"cache_dir={cache}", "hydra.sweep.subdir=${hydra.job.num}"]
+    submit(sweep, child_env(), ["-m", *overrides])
 
     # One SLURM job per point, with as many tasks as that point asks for (submitit: a log per task).
     task_logs = sorted(p.name for p in sweep.glob(".submitit/*/*_log.out"))
@@ -151,39 +195,12 @@ def test_sweep_runs_one_slurm_job_per_point_with_its_own_task_count(slurm_cluste
 def test_sbatch_example_runs_the_worker_on_every_task(slurm_cluster, cache, tmp_path):
     """launch/sbatch_example.sh with the test cluster's sbatch options: compose once with
     cluster.launcher=external, then srun one worker per task (ranks from SLURM)."""
-    start = time.perf_counter()
-    job_id = None
-    try:
-        proc = subprocess.run(
-            [
-                "sbatch",
-                "--parsable",
-                "--wait",
-                "--time=5",
-                "--gpus-per-node=0",
-                "--cpus-per-task=1",
-                "--ntasks-per-node=2",
-                "--partition=debug",
-                f"--output={tmp_path}/%x-%j.out",
-                str(REPO / "launch" / "sbatch_example.sh"),
-                *CPU_CLUSTER[1:],
-                *TINY,
-                f"cache_dir={cache}",
-            ],
-            cwd=tmp_path,  # the script's run directories are relative to the submission directory
-            env=child_env(PYTHON=sys.executable, PYTHONPATH=str(REPO)),
-            capture_output=True,
-            text=True,
-            timeout=SUBMIT_TIMEOUT_S,
-        )
-        job_id = proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else None
-    finally:
-        if job_id:
-            subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
-    print(f"sbatch_example.sh job of 2 tasks: {time.perf_counter() - start:.1f} s wall")
-    log = "\n".join(p.read_text(errors="replace")[-3000:] for p in tmp_path.glob("*.out"))
-    assert proc.returncode == 0, proc.stderr[-2000:] + log
-    run_dir = tmp_path / "outputs" / "dllm_rl" / job_id
+    run_dir = sbatch_example(
+        tmp_path,
+        child_env(PYTHON=sys.executable, PYTHONPATH=str(REPO)),
+        ["--ntasks-per-node=2", "--partition=debug"],
+        [*CPU_CLUSTER[1:], *TINY, f"cache_dir={cache}"],
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
     assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
@@ -238,3 +255,41 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, cache, tm
     assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))
     logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_0_log.out"))
     assert "Requeued job" in logs
+
+
+# The two-node cluster's CPU settings: one task per node, partition `two`.
+TWO_NODES = [*(o for o in CPU_CLUSTER if not o.startswith("cluster.partition")), "cluster.partition=two"]
+
+
+def _run_steps(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("step", "loss", "reward_mean", "reward_std")} for r in records if "loss" in r]
+
+
+@pytest.mark.slow
+def test_two_node_jobs_by_hand_and_through_submitit(two_node_cluster, cache, tmp_path):
+    """A 2-node job (one task per node) twice on the two-node cluster: launch/sbatch_example.sh with
+    --nodes=2, and cluster=slurm cluster.nodes=2 through Hydra's submitit launcher. Each rank runs on its
+    own SLURM node with node rank = its node's index; both runs take the same steps."""
+    env = child_env(PYTHON=sys.executable, PYTHONPATH=str(REPO), SLURM_CONF=two_node_cluster)
+    by_hand = sbatch_example(
+        tmp_path,
+        env,
+        ["--nodes=2", "--ntasks-per-node=1", "--partition=two"],
+        [*TWO_NODES[1:], *TINY, f"cache_dir={cache}"],
+    )
+
+    sweep = tmp_path / "sweep"
+    overrides = [*TWO_NODES, *TINY, "cluster.nodes=2", "cluster.nproc=1", f"cache_dir={cache}", "hydra.sweep.subdir=0"]
+    submit(sweep, env, overrides)
+
+    runs = [by_hand, sweep / "0"]
+    for run_dir in runs:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["steps"] == 2
+        assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
+        ranks = summary["ranks"]
+        assert [(r["rank"], r["node_rank"], r["local_rank"]) for r in ranks] == [(0, 0, 0), (1, 1, 0)]
+        assert [r["slurm_node"] for r in ranks] == ["dllm0", "dllm1"]
+        assert all(r["rank"] == r["expected_rank"] for r in ranks)
+    assert _run_steps(runs[0]) == _run_steps(runs[1])
