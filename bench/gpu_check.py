@@ -51,9 +51,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from dllm_rl.experiments.pages import markers
+
 HERE = Path(__file__).resolve().parent
-BEGIN = "<!-- gpu_check:begin (written by python -m bench.gpu_check --page; edits here are overwritten) -->"
-END = "<!-- gpu_check:end -->"
+SECTION, COMMAND = "gpu_check", "python -m bench.gpu_check --page"
+BEGIN, END = markers(SECTION, COMMAND)
 DEFAULT_OUT = Path("outputs/bench/gpu_check.json")
 DEFAULT_SMOKE_OUT = Path("outputs/bench/gpu_check_smoke.json")
 VARIANTS = ("plain", "prefix", "dual", "threshold", "dual+threshold")
@@ -620,7 +622,7 @@ def render_markdown(result: dict[str, Any]) -> str:
 def saver(out: Path, page: Path | None) -> Any:
     """Writes the result, its Markdown beside it and the page's section; each file replaced atomically."""
     from dllm_rl.checkpoint import write_text_atomic
-    from dllm_rl.reproduce import write_page
+    from dllm_rl.experiments.pages import write_section
 
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -630,7 +632,7 @@ def saver(out: Path, page: Path | None) -> Any:
         markdown = render_markdown(result)
         write_text_atomic(out.with_suffix(".md"), markdown)
         if page is not None:
-            write_page(page, markdown, BEGIN, END)
+            write_section(page, SECTION, COMMAND, markdown)
 
     return save
 
