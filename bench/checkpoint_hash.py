@@ -109,14 +109,15 @@ def measure_save(cfg: dict[str, Any], repeats: int, workdir: Path) -> dict[str, 
     """checkpoint.save with and without content hashes, interleaved (one engine, keep_last 1)."""
     import torch
 
+    from dllm_rl.build import build_policy, build_training, quiet_libraries
+    from dllm_rl.distributed import init_distributed, run_device
     from dllm_rl.tasks import get_task
-    from dllm_rl.worker import _device, build_policy, build_training, init_distributed, quiet_libraries
 
     quiet_libraries()
     init_distributed(cfg["cluster"]["backend"])
     task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
     policy, _ = build_policy(cfg, task)
-    _, _, engine = build_training(cfg, policy, _device(cfg))
+    _, _, engine = build_training(cfg, policy, run_device(cfg))
     root = workdir / "checkpoints"
     rank_state = {"rng": torch.get_rng_state()}
     real_digest = checkpoint.file_digest

@@ -370,7 +370,7 @@ class Checker:
 
     def parameter_count(self, cfg: dict[str, Any]) -> int:
         """The network's parameters, counted on the meta device (no memory, no initialisation)."""
-        from dllm_rl.worker import build_policy
+        from dllm_rl.build import build_policy
 
         with torch.device("meta"):
             policy, _ = build_policy(cfg, SimpleNamespace(alphabet=spg.ALPHABET))

@@ -303,7 +303,7 @@ def speed_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_random_policy(cfg: dict[str, Any], device: torch.device, logit_scale: float) -> tuple[Any, dict]:
-    from dllm_rl.worker import build_policy, quiet_libraries
+    from dllm_rl.build import build_policy, quiet_libraries
 
     quiet_libraries()
     _threads(cfg)
@@ -580,8 +580,8 @@ class RecordingSampler:
 def accuracy_setup(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, dict[str, Any], list[dict]]:
     """(config, task, base policy, base info, test examples) as worker.run and the trainer's test evaluation."""
     from dllm_rl import evaluation
+    from dllm_rl.build import build_policy, quiet_libraries
     from dllm_rl.tasks import get_task
-    from dllm_rl.worker import build_policy, quiet_libraries
 
     device_overrides = [
         f"cluster.device={args.device}",

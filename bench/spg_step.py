@@ -627,7 +627,8 @@ def train_step(ctx: SimpleNamespace, round_index: int) -> dict[str, Any]:
 
 def init_process(cfg: dict[str, Any]) -> torch.device:
     """Threads, torch.distributed and the device, once per process (before the peak is measured)."""
-    from dllm_rl.worker import init_distributed, quiet_libraries
+    from dllm_rl.build import quiet_libraries
+    from dllm_rl.distributed import init_distributed
 
     quiet_libraries()
     if cfg["cluster"]["threads"]:
@@ -642,8 +643,8 @@ def init_process(cfg: dict[str, Any]) -> torch.device:
 def setup(args: argparse.Namespace, cfg: dict[str, Any], device: torch.device) -> SimpleNamespace:
     """Policy, LoRA, checkpointing, sampler, objective and DeepSpeed engine, as worker.run builds them,
     and the task whose reward functions score the completions."""
+    from dllm_rl.build import build_policy, build_training
     from dllm_rl.tasks import get_task
-    from dllm_rl.worker import build_policy, build_training
 
     start = time.perf_counter()
     task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())

@@ -21,8 +21,10 @@ import dllm_rl  # noqa: F401  (registers the config schemas)
 from dllm_rl import rundir
 from dllm_rl.cli_help import exit_with_help_if_asked
 from dllm_rl.config import apply_round_budget, check_writable, missing_extra, validate
-from dllm_rl.console import say, say_error
-from dllm_rl.errors import DllmRlError
+from dllm_rl.console import exit_preempted, say, say_error
+from dllm_rl.distributed import global_rank, in_slurm_task
+from dllm_rl.errors import DllmRlError, Preempted
+from dllm_rl.launcher import start, worker_command
 
 log = logging.getLogger("dllm_rl")
 
@@ -53,8 +55,6 @@ def _search_metric(summary: dict) -> float:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def run_hydra(cfg: DictConfig) -> float | None:
-    from dllm_rl.launcher import Preempted, exit_preempted, global_rank, in_slurm_task, start, worker_command
-
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     wrote_config = False
     try:
@@ -75,7 +75,9 @@ def run_hydra(cfg: DictConfig) -> float | None:
                 log.info("config written to %s; start the workers with: %s", config_path, command)
                 print(command)
                 return None
-            summary = start(plain)
+            from dllm_rl.worker import run  # torch, DeepSpeed and the models: only when training starts
+
+            summary = start(plain, run)
     except DllmRlError as exc:
         say_error(str(exc))
         _undo_hydra_files(run_dir, {"config.yaml"} if wrote_config else set())

@@ -20,6 +20,8 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
+from dllm_rl.errors import Preempted
+
 log = logging.getLogger("dllm_rl")
 
 FILE_ONLY = {"file_only": True}
@@ -107,3 +109,9 @@ def detach_library_loggers(handler: logging.Handler) -> None:
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).removeHandler(handler)
     logging.getLogger("compilers").propagate = True
+
+
+def exit_preempted(exc: Preempted) -> None:
+    """The process's end after a preemption checkpoint: one line and the signal's exit status."""
+    say(f"stopped: {exc}", logging.WARNING, sys.stderr)
+    sys.exit(128 + exc.signum)

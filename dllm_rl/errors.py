@@ -15,3 +15,11 @@ class ConfigError(DllmRlError):
 
 class NonFiniteError(DllmRlError):
     """Training produced non-finite losses or gradients for too many optimizer steps in a row."""
+
+
+class Preempted(Exception):
+    """The run stopped on a stop signal (SIGTERM, SIGUSR1, SIGUSR2) after writing a checkpoint it will resume from."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

@@ -122,11 +122,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
 
     from dllm_rl import evaluation
+    from dllm_rl.build import quiet_libraries
+    from dllm_rl.distributed import init_distributed
     from dllm_rl.models.policy import load_from_config
     from dllm_rl.samplers import get_sampler
     from dllm_rl.tasks import get_task
     from dllm_rl.warmstart import ensure_base
-    from dllm_rl.worker import init_distributed, quiet_libraries, rank_logging
+    from dllm_rl.worker import rank_logging
 
     start = time.perf_counter()
     quiet_libraries()
@@ -220,7 +222,7 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
         return run(cfg)
     from torch.distributed.launcher.api import elastic_launch
 
-    from dllm_rl.worker import local_launch_config
+    from dllm_rl.distributed import local_launch_config
 
     config = local_launch_config(nproc)
     # The function as dllm_rl.evaluate.run (not __main__.run), so that spawned workers can import it.

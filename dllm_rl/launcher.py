@@ -23,34 +23,16 @@ import os
 import shlex
 import socket
 import subprocess
-import sys
-from collections.abc import Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dllm_rl import rundir
 from dllm_rl.config import world_size
-from dllm_rl.errors import ConfigError, DllmRlError
+from dllm_rl.distributed import externally_launched, global_rank, in_slurm_task, local_launch_config
+from dllm_rl.errors import ConfigError, DllmRlError, Preempted
 
 log = logging.getLogger("dllm_rl")
-
-
-def in_slurm_task() -> bool:
-    """This process is a task of a SLURM job step (srun / submitit), not the batch script itself."""
-    return "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ
-
-
-def externally_launched() -> bool:
-    """torchrun / deepspeed launcher / srun started this process as one rank of the run."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ or in_slurm_task()
-
-
-def global_rank() -> int:
-    """This process's rank before torch.distributed exists (0 for a single process)."""
-    for key in ("RANK", "SLURM_PROCID"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
 
 
 def export_slurm_environment(cfg: dict[str, Any]) -> None:
@@ -110,52 +92,21 @@ def worker_command(config_path: Path, nproc: int, nodes: int = 1) -> str:
     return f"torchrun --standalone --nproc_per_node {nproc} -m dllm_rl.worker {path}"
 
 
-def rank_layout(cluster: dict[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Where this process sits in cluster.nodes x cluster.nproc, from what its launcher exported.
-
-    torchrun and torch elastic launch set GROUP_RANK (the node's rank), LOCAL_RANK and LOCAL_WORLD_SIZE,
-    the deepspeed launcher CROSS_RANK and LOCAL_SIZE; inside a SLURM task the node is SLURM_NODEID
-    (submitit's export adds the others). ``expected_rank`` is node_rank * cluster.nproc + local_rank, the
-    block layout of torchrun and of SLURM's default distribution. A node that started another number of
-    processes than cluster.nproc is a ConfigError: its ranks would be counted against the wrong node."""
-    env = os.environ if env is None else env
-    nproc = int(cluster["nproc"])
-
-    def read(*keys: str) -> int | None:
-        return next((int(env[k]) for k in keys if env.get(k, "") != ""), None)
-
-    layout = {
-        "rank": read("RANK", "SLURM_PROCID") or 0,
-        "world_size": read("WORLD_SIZE", "SLURM_NTASKS") or 1,
-        "node_rank": read("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID") or 0,
-        "local_rank": read("LOCAL_RANK", "SLURM_LOCALID") or 0,
-        "local_world_size": read("LOCAL_WORLD_SIZE", "LOCAL_SIZE") or nproc,
-        "host": socket.gethostname(),
-        "slurm_node": env.get("SLURMD_NODENAME"),
-    }
-    layout["expected_rank"] = layout["node_rank"] * nproc + layout["local_rank"]
-    if layout["local_world_size"] != nproc:
-        raise ConfigError(
-            f"{layout['local_world_size']} processes were started on node {layout['node_rank']}, but "
-            f"cluster.nproc={nproc} (start cluster.nproc per node, cluster.nodes nodes)"
-        )
-    return layout
-
-
-def start(cfg: dict[str, Any]) -> dict[str, Any] | None:
+def start(cfg: dict[str, Any], run: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | None:
     """Run the resolved config here, or in the processes it asks for; rank 0's summary (None elsewhere).
+
+    ``run`` is the worker's entry, ``dllm_rl.worker.run``: the caller passes it, so that the launcher
+    imports no training code (and the worker's command line can use the launcher).
 
     The process of global rank 0 holds the run directory's lock meanwhile (dllm_rl/rundir.py): this
     process when it runs alone or spawns the workers, rank 0 of a torchrun or SLURM job otherwise."""
     with rundir.owner_lock(cfg["run_dir"], global_rank() == 0):
-        return _start(cfg)
+        return _start(cfg, run)
 
 
-def _start(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    from dllm_rl.worker import finished_summary, run
-
+def _start(cfg: dict[str, Any], run: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | None:
     launcher = cfg["cluster"]["launcher"]
-    done = finished_summary(cfg, Path(cfg["run_dir"]))
+    done = rundir.finished_summary(cfg, Path(cfg["run_dir"]))
     if done is not None:  # a finished run directory (resume_mode=auto): nothing to start
         log.info("%s already finished (status.json: done); nothing to resume", cfg["run_dir"])
         return done
@@ -171,21 +122,18 @@ def _start(cfg: dict[str, Any]) -> dict[str, Any] | None:
     nproc = int(cfg["cluster"]["nproc"])
     if nproc == 1:
         return run(cfg)
-    return _elastic(cfg, nproc)
+    return _elastic(cfg, nproc, run)
 
 
-def _elastic(cfg: dict[str, Any], nproc: int) -> dict[str, Any]:
+def _elastic(cfg: dict[str, Any], nproc: int, run: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
     """nproc spawned workers on this machine; a worker's user-facing error comes back as one line."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
-    import dllm_rl.worker as worker
-    from dllm_rl.worker import local_launch_config
-
     try:
-        # worker.run by its module path, so that the spawned interpreters can import it.
-        results = elastic_launch(local_launch_config(nproc), entrypoint=worker.run)(cfg)
+        # ``run`` is pickled by its module path (dllm_rl.worker.run), which the spawned interpreters import.
+        results = elastic_launch(local_launch_config(nproc), entrypoint=run)(cfg)
     except (ChildFailedError, SignalException) as exc:
         # A signal to this process reaches the workers too (the elastic agent forwards it); they
         # checkpoint and stop, and their status file says so.
@@ -205,17 +153,3 @@ def _read_status(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-class Preempted(Exception):
-    """The run stopped on a stop signal (SIGTERM, SIGUSR1, SIGUSR2) after writing a checkpoint it will resume from."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-
-def exit_preempted(exc: Preempted) -> None:
-    """The process's end after a preemption checkpoint: one line and the signal's exit status."""
-    from dllm_rl.console import say
-
-    say(f"stopped: {exc}", logging.WARNING, sys.stderr)
-    sys.exit(128 + exc.signum)

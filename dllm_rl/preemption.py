@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dllm_rl.launcher import Preempted
+from dllm_rl.errors import Preempted
 
 log = logging.getLogger(__name__)
 

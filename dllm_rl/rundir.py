@@ -250,3 +250,14 @@ def discard_unused(run_dir: Path, ours: set[str], stop_at: Path | None) -> bool:
         if stop is None or (parent != stop and stop not in parent.parents):
             break  # never climb above the directory that existed before
     return not run_dir.exists()
+
+
+def finished_summary(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
+    """The summary of this run directory's finished run (resume_mode=auto): nothing left to train."""
+    if cfg["checkpoint"].get("resume_mode", "auto") != "auto":
+        return None
+    try:
+        done = json.loads((run_dir / "status.json").read_text()).get("status") == "done"
+        return json.loads((run_dir / "summary.json").read_text()) if done else None
+    except (OSError, ValueError):
+        return None

@@ -289,12 +289,12 @@ def _setting(cfg: dict[str, Any], choices: dict[str, str]) -> dict[str, Any]:
 
 def run(cfg: dict[str, Any], choices: dict[str, str] | None = None) -> dict[str, Any]:
     """Measure (module docstring) and write <run_dir>/variance.json; returns what it wrote."""
+    from dllm_rl.build import build_policy, compile_network, quiet_libraries
     from dllm_rl.likelihood.masks import mask_seed
     from dllm_rl.objectives import get_objective
     from dllm_rl.samplers import get_sampler
     from dllm_rl.tasks import get_task
     from dllm_rl.trainer import Trainer
-    from dllm_rl.worker import build_policy, compile_network, quiet_libraries
 
     start = time.perf_counter()
     check(cfg)

@@ -6,246 +6,39 @@ start processes themselves: ``python -m dllm_rl.worker <run_dir>/config.yaml``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from dllm_rl.errors import DllmRlError
+from dllm_rl import checkpoint, rundir
+from dllm_rl.build import build_policy, build_training, quiet_libraries
+from dllm_rl.checkpoint import write_text_atomic
+from dllm_rl.config import world_size
+from dllm_rl.console import detach_library_loggers, exit_preempted, library_output_to
+from dllm_rl.distributed import (
+    barrier,
+    gather_layouts,
+    global_rank,
+    init_distributed,
+    rank_layout,
+    rank_world,
+    run_device,
+)
+from dllm_rl.errors import DllmRlError, Preempted
+from dllm_rl.preemption import StopRequests
+from dllm_rl.tasks import get_task
+from dllm_rl.tracking import Tracker
+from dllm_rl.trainer import Trainer
 
 log = logging.getLogger("dllm_rl")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def local_launch_config(nproc: int) -> Any:
-    """torch elastic launch settings for ``nproc`` processes on this machine (spawned, free port, no restarts)."""
-    import uuid
-
-    from torch.distributed.launcher.api import LaunchConfig
-
-    return LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
-        run_id=uuid.uuid4().hex,
-        max_restarts=0,
-        monitor_interval=0.2,
-        start_method="spawn",
-    )
-
-
-def init_distributed(backend: str) -> None:
-    """Single-process defaults for the torch.distributed environment, then DeepSpeed's init."""
-    import deepspeed
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
-
-
-def quiet_libraries() -> None:
-    """Library progress bars and INFO chatter would drown the run's own progress bar and log."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_warning()
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-
-def optimizer_config(o: dict[str, Any]) -> dict[str, Any]:
-    """DeepSpeed's optimizer entry: AdamW (DeepSpeed's torch-backed AdamW) or SGD with momentum (torch.optim.SGD)."""
-    kind = o.get("type", "AdamW")
-    if getattr(kind, "value", kind) == "SGD":
-        return {"type": "SGD", "params": {"lr": o["lr"], "momentum": o["momentum"], "weight_decay": o["weight_decay"]}}
-    params = {"lr": o["lr"], "betas": list(o["betas"]), "eps": o["eps"], "weight_decay": o["weight_decay"]}
-    return {"type": "AdamW", "params": {**params, "torch_adam": True}}
-
-
-def deepspeed_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """DeepSpeed's dict: the deepspeed group's own keys plus the batch arithmetic and optimizer."""
-    from dllm_rl.config import world_size
-
-    world = world_size(cfg["cluster"])
-    completions = cfg["rollout"]["prompts_per_step"] * cfg["rollout"]["samples_per_prompt"]
-    micro = int(cfg["train"]["micro_batch_per_gpu"])
-    o = cfg["optim"]
-    ds = {
-        **cfg["deepspeed"],
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": completions // (world * micro),
-        "gradient_clipping": o["max_grad_norm"],
-        "optimizer": optimizer_config(o),
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if ds["optimizer"]["type"] != "AdamW":
-        # ZeRO runs any torch.optim optimizer; DeepSpeed only asks that non-Adam ones be allowed explicitly.
-        ds["zero_allow_untested_optimizer"] = True
-    if cfg.get("model", {}).get("dtype") == "bfloat16" and not ds.get("bf16", {}).get("enabled"):
-        # bf16 parameters need DeepSpeed's bf16 mode, or AdamW would update bf16 weights with no fp32 master copy.
-        ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
-    if ds.get("bf16", {}).get("enabled"):
-        # The trainer's non-finite guard rides on ZeRO's overflow skip, which bf16 only runs with this on.
-        ds["bf16"] = {**ds["bf16"], "check_grad_overflow": True}
-    if o["warmup_steps"] > 0:
-        ds["scheduler"] = {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": o["lr"],
-                "warmup_num_steps": o["warmup_steps"],
-                "warmup_type": "linear",
-            },
-        }
-    return ds
-
-
-def build_policy(cfg: dict[str, Any], task: Any) -> tuple[Any, dict[str, Any]]:
-    """The starting policy: model.path (plus model.adapter) if given, else the (cached) warm-started base
-    of the configured architecture; then a fresh LoRA adapter when model.lora.enabled."""
-    from dllm_rl.models.policy import build_tiny, load_from_config
-    from dllm_rl.warmstart import ensure_base
-
-    mcfg = cfg["model"]
-    if mcfg["path"] is not None:
-        policy, info = load_from_config(mcfg["path"], mcfg, trainable=True), {"source": str(mcfg["path"])}
-    elif mcfg.get("requires_path"):
-        raise DllmRlError(f"model={mcfg['name']} needs model.path=<local checkpoint directory>")
-    elif not cfg["warmstart"]["enabled"]:
-        policy, info = build_tiny(mcfg, task.alphabet, seed=int(cfg["seed"])), {"source": "random init"}
-    else:
-        path, info = ensure_base(cfg, task)
-        policy, info = load_from_config(path, mcfg, trainable=True), {"source": str(path), **info}
-    if mcfg["lora"]["enabled"] and mcfg.get("adapter") is None:
-        policy.apply_lora(mcfg["lora"], quantized=mcfg.get("quantization", "none") != "none")
-    if mcfg.get("adapter") is not None:
-        info["adapter"] = str(mcfg["adapter"])
-    return policy, info
-
-
-def build_training(cfg: dict[str, Any], policy: Any, device: torch.device) -> tuple[Any, Any, Any]:
-    """Checkpointing, device, sampler, objective, π_ref and the DeepSpeed engine around ``policy``
-    (``policy.forward_module`` becomes the engine): everything a run needs besides data and policy."""
-    import deepspeed
-
-    from dllm_rl.objectives import get_objective
-    from dllm_rl.samplers import get_sampler
-
-    if cfg["model"]["gradient_checkpointing"]:
-        # Non-reentrant checkpointing needs no input that requires grad, so it also works under a
-        # frozen base with a LoRA adapter.
-        policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    policy.model.to(device)
-    sampler = get_sampler(cfg["sampler"])
-    objective = get_objective(
-        cfg["objective"],
-        int(cfg["seed"]),
-        group_size=int(cfg["rollout"]["samples_per_prompt"]),
-        micro_batch=int(cfg["train"]["micro_batch_per_gpu"]),
-    )
-    if objective.needs_reference:
-        # Before deepspeed.initialize: a frozen copy must never be handed to the optimizer.
-        policy.attach_reference()
-    engine, *_ = deepspeed.initialize(
-        model=policy.model,
-        model_parameters=[p for p in policy.model.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg),
-    )
-    policy.forward_module = engine
-    if cfg["model"].get("compile"):
-        compile_network(policy.model, device)
-    return sampler, objective, engine
-
-
-def compile_network(model: torch.nn.Module, device: torch.device, backend: Any = "inductor") -> None:
-    """torch.compile ``model``'s forward in place (nn.Module.compile): the DeepSpeed engine and a PEFT
-    wrapper keep calling the same module object, now through the compiled graph. Dynamic shapes, since
-    rollout, scoring and training forwards all have their own batch and sequence sizes.
-
-    The backend (inductor) builds its kernels at the first forward, deep inside the first rollout; what
-    it needs is checked here so that a machine without it fails at once with one clear line."""
-    why = _compile_unsupported(device) if backend == "inductor" else None
-    if why:
-        raise DllmRlError(f"model.compile=true: torch.compile cannot run on {device.type} here: {why}")
-    model.compile(backend=backend, dynamic=True)
-    log.info("model.compile: the network's forward is compiled by torch.compile at its first call")
-
-
-def _compile_unsupported(device: torch.device) -> str | None:
-    """Why inductor cannot build kernels for ``device`` on this machine, or None."""
-    try:
-        if device.type == "cuda":
-            from torch.utils._triton import has_triton
-
-            if not has_triton():
-                return "inductor needs triton for CUDA kernels (pip install triton), or set model.compile=false"
-        else:
-            from torch._inductor import cpp_builder
-
-            try:
-                cpp_builder.get_cpp_compiler()
-            except Exception as exc:  # InvalidCxxCompiler and what the search may raise
-                return (
-                    f"inductor needs a C++ compiler for CPU kernels ({type(exc).__name__}: {exc}); "
-                    "install g++ (or point $CXX at one), or set model.compile=false"
-                )
-    except ImportError:  # private helpers moved in this torch version: let torch.compile report itself
-        return None
-    return None
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _gather_layouts(layout: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every rank's ``launcher.rank_layout``, in rank order (collective; after the device is set, as NCCL needs)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [layout]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, layout)
-    return out
-
-
-def _device(cfg: dict[str, Any]) -> torch.device:
-    """cpu, or cuda:<local rank> (each process of a node drives its own GPU)."""
-    if cfg["cluster"]["device"] != "cuda":
-        return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.cuda.set_device(device)
-    return device
 
 
 def rank_logging(run_dir: Path, rank: int) -> logging.FileHandler:
@@ -277,8 +70,6 @@ STATUS_TEXT_CHARS = 500  # status.json is a small record: an error's text is cut
 
 
 def _write_status(run_dir: Path, status: dict[str, Any]) -> None:
-    from dllm_rl.checkpoint import write_text_atomic
-
     def cut(value: Any) -> Any:
         if isinstance(value, str) and len(value) > STATUS_TEXT_CHARS:
             return f"{value[: STATUS_TEXT_CHARS - 20]} ... ({len(value)} chars)"
@@ -314,8 +105,6 @@ def _previous_attempt(run_dir: Path) -> dict[str, Any]:
 
 def resume_point(cfg: dict[str, Any], run_dir: Path) -> Path | None:
     """The checkpoint this run continues from (checkpoint.resume_mode); collective, the same for all ranks."""
-    from dllm_rl import checkpoint
-
     ccfg = cfg["checkpoint"]
     mode = ccfg.get("resume_mode", "auto")
     path: Path | None = None
@@ -335,17 +124,6 @@ def resume_point(cfg: dict[str, Any], run_dir: Path) -> Path | None:
     return path
 
 
-def finished_summary(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
-    """The summary of this run directory's finished run (resume_mode=auto): nothing left to train."""
-    if cfg["checkpoint"].get("resume_mode", "auto") != "auto":
-        return None
-    try:
-        done = json.loads((run_dir / "status.json").read_text()).get("status") == "done"
-        return json.loads((run_dir / "summary.json").read_text()) if done else None
-    except (OSError, ValueError):
-        return None
-
-
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train one run described by the resolved config; returns (and rank 0 writes) the summary.
 
@@ -353,14 +131,6 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     environment: elastic launch, torchrun or SLURM). A run directory that holds checkpoints continues
     from the newest complete one (checkpoint.resume_mode=auto).
     """
-    from dllm_rl.config import world_size
-    from dllm_rl.console import detach_library_loggers, library_output_to
-    from dllm_rl.launcher import Preempted, global_rank, rank_layout
-    from dllm_rl.preemption import StopRequests
-    from dllm_rl.tasks import get_task
-    from dllm_rl.tracking import Tracker
-    from dllm_rl.trainer import Trainer
-
     start = time.perf_counter()
     run_dir = Path(cfg["run_dir"])
     # Provisional until the resume point is known: an attempt that fails before then still passes
@@ -373,7 +143,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(int(cfg["cluster"]["threads"]))
     with library_output_to(handler):
         init_distributed(cfg["cluster"]["backend"])
-    rank, world = _rank_world()
+    rank, world = rank_world()
     main = rank == 0
     stop = StopRequests().install()
     tracker = None
@@ -387,13 +157,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         layout = rank_layout(cfg["cluster"])
         # Rank 0 generates the data and warm-starts the base into the cache; the others then read them.
         if not main:
-            _barrier()
+            barrier()
         task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
         policy, base_info = build_policy(cfg, task)
         if main:
-            _barrier()
-        sampler, objective, engine = build_training(cfg, policy, _device(cfg))
-        ranks = _gather_layouts({**layout, "rank": rank, "world_size": world})
+            barrier()
+        sampler, objective, engine = build_training(cfg, policy, run_device(cfg))
+        ranks = gather_layouts({**layout, "rank": rank, "world_size": world})
         if main and world > 1:
             log.info(
                 "ranks: %s",
@@ -404,9 +174,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             # The result continues no earlier attempt of this directory: its wall time starts here.
             status.update(attempt=1, wall_seconds_before=0.0)
         if resume is not None:
-            from dllm_rl.checkpoint import manifest
-
-            info = manifest(resume)
+            info = checkpoint.manifest(resume)
             tracker = Tracker(run_dir, cfg, main, resume_step=int(info["global_step"]), wandb_id=info.get("wandb_id"))
         else:
             tracker = Tracker(run_dir, cfg, main)
@@ -445,7 +213,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "task": cfg["task"]["name"],
         "seed": cfg["seed"],
         "world_size": world,
-        # every rank's place: node rank, local rank, host (launcher.rank_layout)
+        # every rank's place: node rank, local rank, host (distributed.rank_layout)
         "ranks": ranks,
         "base_model": base_info,
         **result,
@@ -460,8 +228,6 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "attempts": status["attempt"],
     }
     if main:
-        from dllm_rl.checkpoint import write_text_atomic
-
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         _write_status(run_dir, {**status, "status": "done", "wall_seconds_this_attempt": wall})
     return summary
@@ -476,12 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     started alone) holds the run directory's lock, and a config other than the directory's own
     config.yaml is refused (dllm_rl/rundir.py).
     """
-    import argparse
-
-    import yaml
-
-    from dllm_rl import rundir
-    from dllm_rl.launcher import Preempted, exit_preempted, global_rank, start
+    import dllm_rl.worker as module  # run by its module path, so that spawned ranks can import it
+    from dllm_rl.launcher import start
 
     parser = argparse.ArgumentParser(
         prog="python -m dllm_rl.worker",
@@ -502,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         with rundir.owner_lock(cfg["run_dir"], owner):
             # a copy of a config elsewhere (launch/worker.sh) must match the run directory's own
             rundir.claim_config(Path(cfg["run_dir"]) / "config.yaml", path.read_text(), write=owner)
-            summary = start(cfg)
+            summary = start(cfg, module.run)
     except DllmRlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

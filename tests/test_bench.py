@@ -147,7 +147,7 @@ def test_tiny_dream_full_finetuning_in_micro_batches(tmp_path):
 def test_8b_sizes_read_for_flops_match_the_network(model):
     """The FLOP count of the GPU bench reads the sizes the network is really built with (LoRA r128 on)."""
     bench = load_bench()
-    from dllm_rl.worker import build_policy
+    from dllm_rl.build import build_policy
 
     args = bench.parse_args([f"--model={model}", "--device=cpu", "--dtype=bfloat16"])
     cfg = bench.compose_config(bench.config_overrides(args))

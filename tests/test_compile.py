@@ -37,7 +37,8 @@ def first_step(compiled: bool, monkeypatch, graphs: list) -> tuple[float, dict[s
     """One SPG step (prepare, loss, backward, optimizer step) on a random tiny model and a fixed batch."""
     from types import SimpleNamespace
 
-    import dllm_rl.worker as worker
+    import dllm_rl.build as build
+    from dllm_rl.distributed import init_distributed
     from dllm_rl.objectives import RolloutBatch
 
     cfg = compose(
@@ -60,10 +61,10 @@ def first_step(compiled: bool, monkeypatch, graphs: list) -> tuple[float, dict[s
             graphs.append(gm)
             return gm.forward
 
-        monkeypatch.setattr(worker, "compile_network", functools.partial(worker.compile_network, backend=counting))
-    worker.init_distributed("gloo")
-    policy, _ = worker.build_policy(cfg, SimpleNamespace(alphabet=ALPHABET))
-    _, objective, engine = worker.build_training(cfg, policy, torch.device("cpu"))
+        monkeypatch.setattr(build, "compile_network", functools.partial(build.compile_network, backend=counting))
+    init_distributed("gloo")
+    policy, _ = build.build_policy(cfg, SimpleNamespace(alphabet=ALPHABET))
+    _, objective, engine = build.build_training(cfg, policy, torch.device("cpu"))
     assert (getattr(policy.model, "_compiled_call_impl", None) is not None) is compiled
     g = torch.Generator().manual_seed(0)
     n, p, length = 4, 5, 8
@@ -107,7 +108,7 @@ def test_compiled_network_trains_like_the_uncompiled_one(monkeypatch):
 def test_a_missing_cpu_compiler_is_one_clear_error(monkeypatch):
     from torch._inductor import config as inductor_config
 
-    from dllm_rl.worker import compile_network
+    from dllm_rl.build import compile_network
 
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("dllm-rl-no-such-compiler",))
     net = torch.nn.Linear(2, 2)

@@ -189,7 +189,7 @@ def test_testbed_presets_apply_to_their_model_and_task_only():
 
 
 def test_optimizer_type_reaches_deepspeed():
-    from dllm_rl.worker import deepspeed_config
+    from dllm_rl.build import deepspeed_config
 
     def ds(*overrides: str) -> dict:
         return deepspeed_config(OmegaConf.to_container(_compose(*overrides), resolve=True))

@@ -131,8 +131,8 @@ def test_checkpoint_reloads_into_deepspeed_and_from_pretrained(finished_run):
     which differ from the warm-started base the run began from."""
     import deepspeed
 
+    from dllm_rl.distributed import init_distributed
     from dllm_rl.models.policy import load_pretrained
-    from dllm_rl.worker import init_distributed
 
     root, run_dir, _ = finished_run
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -141,7 +141,7 @@ def test_checkpoint_reloads_into_deepspeed_and_from_pretrained(finished_run):
     base = load_pretrained(summary["base_model"]["source"])
 
     init_distributed("gloo")
-    from dllm_rl.worker import deepspeed_config
+    from dllm_rl.build import deepspeed_config
 
     engine, *_ = deepspeed.initialize(
         model=base.model, model_parameters=list(base.model.parameters()), config=deepspeed_config(cfg)

@@ -189,7 +189,7 @@ def engine(request):
     """A policy and its DeepSpeed engine at ZeRO stage 2 or 3 (partitioned for real)."""
     import deepspeed
 
-    from dllm_rl.worker import init_distributed
+    from dllm_rl.distributed import init_distributed
 
     init_distributed("gloo")
     policy = build_tiny(TINY, "01234", seed=0)

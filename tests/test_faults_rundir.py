@@ -103,13 +103,14 @@ def test_an_identical_rerun_of_a_finished_directory_says_finished(run, caplog):
     # What python -m dllm_rl and python -m dllm_rl.worker do after composing, in this process: the
     # resumed CLI start above already showed that an identical config passes the tie to config.yaml.
     from dllm_rl.launcher import start
+    from dllm_rl.worker import run as run_worker
 
     run_dir = run["run_dir"]
     summary = (run_dir / "summary.json").read_bytes()
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     rundir.claim_config(run_dir / "config.yaml", yaml.safe_dump({**cfg, "log_every": 1}), write=True)
     with caplog.at_level(logging.INFO, logger="dllm_rl"):
-        assert start(cfg) == json.loads(summary)
+        assert start(cfg, run_worker) == json.loads(summary)
     assert "already finished" in caplog.text
     assert (run_dir / "summary.json").read_bytes() == summary
     assert (run_dir / rundir.LOCK_NAME).read_text() == ""  # taken and given back

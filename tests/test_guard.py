@@ -104,7 +104,8 @@ def setup(request):
     """One engine per ZeRO stage, shared by the tests (each builds its own Trainer)."""
     import deepspeed
 
-    from dllm_rl.worker import deepspeed_config, init_distributed
+    from dllm_rl.build import deepspeed_config
+    from dllm_rl.distributed import init_distributed
 
     init_distributed("gloo")
     policy = build_tiny(MODEL_CFG, "01234", seed=0)
@@ -255,7 +256,7 @@ def test_gradient_forward_mode_follows_loss_forward_dropout(setup, tmp_path, dro
 
 
 def test_bf16_runs_check_gradient_overflow():
-    from dllm_rl.worker import deepspeed_config
+    from dllm_rl.build import deepspeed_config
 
     cfg = _cfg(2)
     cfg["deepspeed"] = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}

@@ -123,7 +123,8 @@ def test_a_small_step_widens_the_gap_between_positive_and_negative_samples():
 def test_deepspeed_engine_step_equals_plain_adamw():
     import deepspeed
 
-    from dllm_rl.worker import deepspeed_config, init_distributed
+    from dllm_rl.build import deepspeed_config
+    from dllm_rl.distributed import init_distributed
 
     init_distributed("gloo")
     policy = build_tiny(MODEL_CFG, "01234", seed=0)

@@ -126,7 +126,8 @@ def test_lora_reference_through_a_deepspeed_engine(stage):
     equals the base, training steps keep updating the adapter, and the base never moves."""
     import deepspeed
 
-    from dllm_rl.worker import deepspeed_config, init_distributed
+    from dllm_rl.build import deepspeed_config
+    from dllm_rl.distributed import init_distributed
 
     init_distributed("gloo")
     policy, base_logits = _lora_policy()

@@ -108,7 +108,10 @@ def test_two_processes_take_the_same_steps_as_one(cache, tmp_path, one_process, 
     for a, b in zip(one_steps, two_steps, strict=True):
         # The same rollouts (same rewards), the same loss and gradient norm over the global batch.
         assert b["reward_mean"] == a["reward_mean"] and b["reward_std"] == a["reward_std"]
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-9)
+        # The loss is a sum of positive- and negative-advantage terms of about 1e-2 that nearly cancel
+        # (|loss| ~ 3e-3): float32 rounding of the terms (micro-batches batched differently on two
+        # ranks) is a few 1e-9 in absolute terms, which is above 1e-6 of the net value.
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=3e-8)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
     assert_same_weights(weights(one_process), weights(run_dir), atol=1e-6)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -189,8 +192,8 @@ def test_two_nodes_take_the_same_steps_as_one_process(cache, tmp_path):
 
 def test_rank_layout_is_node_major():
     """nodes x nproc = 2 x 2 as torchrun and as SLURM export it; a node with another process count is refused."""
+    from dllm_rl.distributed import rank_layout
     from dllm_rl.errors import ConfigError
-    from dllm_rl.launcher import rank_layout
 
     cluster = {"nproc": 2, "nodes": 2}
     for node in (0, 1):

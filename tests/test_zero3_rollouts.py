@@ -161,7 +161,7 @@ def _worker(model: str, out: str) -> None:
 def _launch(model: str, out: Path) -> dict:
     from torch.distributed.launcher.api import elastic_launch
 
-    from dllm_rl.worker import local_launch_config
+    from dllm_rl.distributed import local_launch_config
 
     config = local_launch_config(2)
     dist_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
