@@ -3,8 +3,9 @@
 One step is what the trainer charges to the first optimizer step of a rollout round (SPG by default,
 ``--objective`` for any registered one):
 
-    rollout         G x Q completions of synthetic prompts through evaluation.generate (the real sampler
-                    and policy.logits, one seeded generator per rollout micro-batch as Trainer.rollout): decoding only
+    rollout         G x Q completions of synthetic prompts through trainer.generate_round, the function
+                    Trainer.rollout decodes with (real sampler, policy.logits, one seeded generator per
+                    rollout micro-batch): decoding only
     reward          policy.decode of the completions, the task's real reward functions on them, the training
                     rewards, objective.advantages and the RolloutBatch (trainer.rollout_batch)
     prepare         no-grad precomputation: objective.prepare(batch, policy), once per round (SPG, ELBO: nothing;
@@ -20,9 +21,9 @@ the decoded texts, each completion scored against the example row its function i
 (``tasks.rewards.REWARDS``), so its time is that of the real reward code. Text from random weights earns the
 same reward in every row, which would leave every advantage 0, so the rewards the objective trains on are
 seeded 0/1 draws instead (the task's values are reported next to them, not used). Config, policy, LoRA,
-gradient checkpointing and the DeepSpeed engine come from the same functions ``worker.run`` uses; the update
-loop is ``Trainer.optimize``'s, split only so that each phase can be clocked. The same command runs on CPU and
-on a CUDA GPU; the device only changes the defaults (dtype, backend, peak-matmul size).
+gradient checkpointing and the DeepSpeed engine come from the same functions ``worker.run`` uses (build.py);
+the update is ``trainer.accumulate_step``, the loop ``Trainer.optimize`` runs, with a clock around each call.
+The same command runs on CPU and on a CUDA GPU; the device only changes the defaults (dtype, backend, peak-matmul size).
 
 ``--mc`` sets the objective's own Monte Carlo key: ``mc_samples`` (m masked copies per completion) for SPG,
 ELBO and DMPO (DMPO's rollout-time copies stay ``objective.rollout_mc_samples``, an override), ``mc_pairs``
@@ -545,10 +546,9 @@ def reward_example(task: Any) -> dict[str, Any]:
 
 def train_step(ctx: SimpleNamespace, round_index: int) -> dict[str, Any]:
     """One rollout round's rollout + reward + prepare + first optimizer step, clocked per phase."""
-    from dllm_rl import evaluation
     from dllm_rl.likelihood.masks import mask_seed
     from dllm_rl.tasks import total_reward
-    from dllm_rl.trainer import rollout_batch
+    from dllm_rl.trainer import accumulate_step, generate_round, rollout_batch
 
     cfg, policy, engine, objective = ctx.cfg, ctx.policy, ctx.engine, ctx.objective
     group = int(cfg["rollout"]["samples_per_prompt"])
@@ -562,13 +562,9 @@ def train_step(ctx: SimpleNamespace, round_index: int) -> dict[str, Any]:
     start = time.perf_counter()
 
     with clock.phase("rollout"):
-        # As Trainer.rollout: each prompt repeated G times in consecutive rows, one seeded generator per
-        # rollout micro-batch.
-        prompts = [p for p in ctx.prompts for _ in range(group)]
-        micro_batch = int(cfg["rollout"]["micro_batch"])
-        seeds = [mask_seed(seed, "rollout", round_index, lo) for lo in range(0, len(prompts), micro_batch)]
-        prompt_ids, attention, completion_ids, nfe = evaluation.generate(
-            policy, ctx.sampler, prompts, micro_batch, None, None, micro_seeds=seeds
+        # Trainer.rollout's decoding: each prompt G times, one seeded generator per rollout micro-batch.
+        prompt_ids, attention, completion_ids, nfe = generate_round(
+            policy, ctx.sampler, ctx.prompts, group, int(cfg["rollout"]["micro_batch"]), seed, round_index
         )
 
     with clock.phase("reward"):
@@ -594,19 +590,11 @@ def train_step(ctx: SimpleNamespace, round_index: int) -> dict[str, Any]:
     with clock.phase("prepare"):
         objective.prepare(batch, policy)
 
-    # Trainer.optimize's loop for inner step 0, each call on its own clock.
-    engine.train(bool(cfg["objective"]["loss_forward_dropout"]))
-    micro = int(cfg["train"]["micro_batch_per_gpu"])
-    losses = []
-    for lo in range(0, len(batch), micro):
-        part = batch.select(slice(lo, lo + micro))
-        with clock.phase("likelihood_forward"):
-            loss, _ = objective.loss(part, policy, 0)
-        losses.append(float(loss.detach()))
-        with clock.phase("backward"):
-            engine.backward(loss)
-        with clock.phase("optimizer_step"):
-            engine.step()
+    # Trainer.optimize's micro-batch loop for inner step 0, each call on its own clock.
+    ocfg, micro = cfg["objective"], int(cfg["train"]["micro_batch_per_gpu"])
+    dropout = bool(ocfg["loss_forward_dropout"])
+    records = accumulate_step(engine, objective, policy, batch, micro, 0, dropout, phase=clock.phase)
+    losses = [loss for loss, _, _ in records]
     synchronize(ctx.device)
     total = time.perf_counter() - start
     merge_peak(clock.step_peak, clock.memory.peak())

@@ -11,11 +11,13 @@ evaluate before, every N steps and at the end; checkpoint every K steps and at t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +129,67 @@ def completion_validity(completion_ids: torch.Tensor, eos_id: int | None) -> tor
     return ~after_first
 
 
+def generate_round(
+    policy: Policy,
+    sampler: Any,
+    prompts: list[str],
+    group: int,
+    micro_batch: int,
+    seed: int,
+    round_index: int,
+    first_uid: int = 0,
+    **generate_kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A round's completions: each prompt ``group`` times in consecutive rows, decoded without gradients in
+    micro-batches of ``micro_batch`` rows, each micro-batch with its own generator seeded by the round and
+    the round-wide id of its first row (``first_uid`` + offset), so a row's sampler noise does not depend on
+    how many processes share the round. Returns ``evaluation.generate``'s (prompt ids, attention, completion
+    ids, NFE); ``generate_kwargs`` go to it (chat, prompt cap, ZeRO-3 parameters, stats)."""
+    rows = [prompt for prompt in prompts for _ in range(group)]
+    seeds = [mask_seed(seed, "rollout", round_index, first_uid + lo) for lo in range(0, len(rows), micro_batch)]
+    return evaluation.generate(policy, sampler, rows, micro_batch, None, None, micro_seeds=seeds, **generate_kwargs)
+
+
+def _no_phase(name: str) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
+def accumulate_step(
+    engine: Any,
+    objective: Objective,
+    policy: Policy,
+    batch: RolloutBatch,
+    micro_batch: int,
+    inner_step: int,
+    dropout: bool,
+    phase: Callable[[str], contextlib.AbstractContextManager[None]] = _no_phase,
+    last_loss: Callable[[torch.Tensor, list[tuple[float, dict[str, float], int]]], torch.Tensor] | None = None,
+) -> list[tuple[float, dict[str, float], int]]:
+    """One optimizer step over ``batch``: for each micro-batch of ``micro_batch`` rows, ``objective.loss``,
+    ``engine.backward`` and ``engine.step`` (DeepSpeed applies the update at the last one). ``dropout``:
+    whether dropout is on in the gradient forward (``objective.loss_forward_dropout``, a per-objective
+    choice; gradients flow either way).
+
+    ``phase(name)`` wraps each call ("likelihood_forward", "backward", "optimizer_step"), so a benchmark
+    can clock them; ``last_loss(loss, records)`` may replace the last micro-batch's loss before its
+    backward (the trainer's non-finite guard). Returns (loss, metrics, rows) per micro-batch."""
+    engine.train(dropout)
+    starts = range(0, len(batch), micro_batch)
+    records: list[tuple[float, dict[str, float], int]] = []
+    for i, lo in enumerate(starts):
+        part = batch.select(slice(lo, lo + micro_batch))
+        with phase("likelihood_forward"):
+            loss, metrics = objective.loss(part, policy, inner_step)
+        records.append((float(loss.detach()), dict(metrics), len(part)))
+        if i == len(starts) - 1 and last_loss is not None:
+            loss = last_loss(loss, records)
+        with phase("backward"):
+            engine.backward(loss)
+        with phase("optimizer_step"):
+            engine.step()
+    return records
+
+
 class Trainer:
     def __init__(
         self,
@@ -196,24 +259,23 @@ class Trainer:
         indices = self.stream.next(self.prompts_per_step)
         share = self.prompts_per_step // self.world
         mine = indices[self.rank * share : (self.rank + 1) * share]
-        examples = [self.train_examples[i] for i in mine for _ in range(self.group)]
         first_uid = self.rank * share * self.group
-        micro = int(self.cfg["rollout"]["micro_batch"])
-        seeds = [mask_seed(self.seed, "rollout", round_index, first_uid + lo) for lo in range(0, len(examples), micro)]
         decoding: dict[str, float] = {}
-        prompt_ids, attention, completion_ids, _ = evaluation.generate(
+        prompt_ids, attention, completion_ids, _ = generate_round(
             self.policy,
             self.sampler,
-            [ex["prompt"] for ex in examples],
-            micro,
-            None,
-            None,
+            [self.train_examples[i]["prompt"] for i in mine],
+            self.group,
+            int(self.cfg["rollout"]["micro_batch"]),
+            self.seed,
+            round_index,
+            first_uid,
             chat=self.task.chat,
             max_prompt_tokens=self.truncate_prompts_to,
             zero3_params=self.zero3_params,
-            micro_seeds=seeds,
             stats=decoding,
         )
+        examples = [self.train_examples[i] for i in mine for _ in range(self.group)]
         gen_seconds = time.perf_counter() - start
         texts = self.policy.decode(completion_ids)
         parts = self.task.score(texts, examples, f"round {round_index} rollout sample", first_uid)
@@ -279,38 +341,41 @@ class Trainer:
         "Decisions worth knowing": non-finite guard).
         ``self.last_skip_reason`` says why, or is None for an applied step.
         """
-        ocfg = self.cfg["objective"]
-        # Dropout in the gradient forward is a per-objective choice (off for GDSD; scoring forwards never
-        # use it); gradients flow either way.
-        self.engine.train(bool(ocfg["loss_forward_dropout"]))
-        micro = int(self.cfg["train"]["micro_batch_per_gpu"])
-        starts = range(0, len(batch), micro)
-        losses: list[float] = []
+        skipped_before = self.engine.skipped_steps
+        verdict: list[str | None] = [None]
+
+        def guard(loss: torch.Tensor, records: list[tuple[float, dict[str, float], int]]) -> torch.Tensor:
+            # Before the last backward: a step to skip gets a NaN gradient, which ZeRO's overflow check discards.
+            bad_seqs = sum(int(m.get("nonfinite_seqs", 0)) for _, m, _ in records)
+            seqs = sum(int(m.get("num_seqs", rows)) for _, m, rows in records)
+            verdict[0] = self._skip_reason([v for v, _, _ in records], bad_seqs, seqs)
+            return loss if verdict[0] is None else loss + self._nan_gradient()
+
+        records = accumulate_step(
+            self.engine,
+            self.objective,
+            self.policy,
+            batch,
+            int(self.cfg["train"]["micro_batch_per_gpu"]),
+            inner_step,
+            bool(self.cfg["objective"]["loss_forward_dropout"]),
+            last_loss=guard,
+        )
+        reason = verdict[0]
+        losses = [v for v, _, _ in records]
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         nonfinite_seqs = num_seqs = 0
-        skipped_before = self.engine.skipped_steps
-        reason: str | None = None
-        for i, lo in enumerate(starts):
-            part = batch.select(slice(lo, lo + micro))
-            loss, metrics = self.objective.loss(part, self.policy, inner_step)
-            metrics = dict(metrics)
+        for _, metrics, rows in records:
             # Counts add up over micro-batches; every other metric is averaged over the micro-batches
             # that report it, weighted as the objective says (objectives.base.metric_weight).
             nonfinite_seqs += int(metrics.pop("nonfinite_seqs", 0))
-            num_seqs += int(metrics.pop("num_seqs", len(part)))
-            losses.append(float(loss.detach()))
+            num_seqs += int(metrics.pop("num_seqs", rows))
             for k, v in metrics.items():
                 if not k.endswith(METRIC_WEIGHT_SUFFIX):
                     w = float(metrics.get(metric_weight(k), 1.0))
                     sums[k] = sums.get(k, 0.0) + w * v
                     weights[k] = weights.get(k, 0.0) + w
-            if i == len(starts) - 1:
-                reason = self._skip_reason(losses, nonfinite_seqs, num_seqs)
-                if reason is not None:
-                    loss = loss + self._nan_gradient()
-            self.engine.backward(loss)
-            self.engine.step()
         ds_skipped = self.engine.skipped_steps > skipped_before
         if reason is not None and not ds_skipped:
             raise RuntimeError(
