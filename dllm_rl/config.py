@@ -996,7 +996,7 @@ def _validate_objective(o: Any, s: Any, need: Any) -> None:
         )
         need(0.0 < o["epsilon"] < 1.0, f"objective.epsilon={o['epsilon']} must be in (0, 1)")
     _validate_mask(o["mask"], "objective.mask", copies, need)
-    if name in ("spg", "elbo") and _value(o["mask"], "kind") == "blockwise":
+    if _value(o["mask"], "kind") == "blockwise":
         need(
             s["gen_length"] % o["mask"]["block_len"] == 0,
             f"objective.mask.block_len={o['mask']['block_len']} must divide sampler.gen_length={s['gen_length']}",

@@ -66,7 +66,7 @@ def test_help_applies_the_overrides_and_lists_the_config_groups(monkeypatch, cap
     assert exit_info.value.code == 0
     assert "  name: gdsd" in out and "mc_pairs:" in out and "  name: spg" not in out
     groups = config_groups()
-    assert groups["objective"] == ["diffu_grpo", "dmpo", "elbo", "gdsd", "spg", "wd1"]
+    assert groups["objective"] == ["diffu_grpo", "dmpo", "elbo", "gdsd", "rloo_elbo", "spg", "wd1"]
     assert "random" in groups["objective/mask"] and "tiny" in groups["model"]
     for name, options in groups.items():
         assert f"{name}: {', '.join(options)}" in out

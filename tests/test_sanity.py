@@ -157,6 +157,8 @@ VARIANTS = {
     "dmpo": [],
     "diffu_grpo": [],
     "wd1": [],
+    # the worked example of docs/ARCHITECTURE.md, "Adding an objective"
+    "rloo_elbo": [],
 }
 # The task's RL settings (docs/RESULTS.md "Sanity task"): every objective with its own defaults; the
 # learning rate is the task's testbed preset (conf/testbed/tiny_sanity.yaml), repeated here so that
@@ -173,8 +175,8 @@ FAST_EVAL = ["eval.splits=[test]", "eval.every_n_steps=0", "checkpoint.every_n_s
 
 @pytest.fixture(scope="module")
 def sanity_runs(tmp_path_factory):
-    """Every variant from one cached base: one Hydra multirun over the six objectives and one run of
-    SPG with the EUBO, so that the seven runs pay for the interpreter start twice, not seven times."""
+    """Every variant from one cached base: one Hydra multirun over the objectives and one run of
+    SPG with the EUBO, so that the eight runs pay for the interpreter start twice, not eight times."""
     root = tmp_path_factory.mktemp("sanity")
     common = [*SANITY_RL, *FAST_EVAL, f"train.rounds={ROUNDS}", f"cache_dir={root / 'cache'}"]
     objectives = [name for name, extra in VARIANTS.items() if not extra]

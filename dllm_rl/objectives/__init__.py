@@ -1,6 +1,13 @@
-"""RL objectives: one file each, registered by name (`objective=<name>`)."""
+"""RL objectives: one file each, registered by name (`objective=<name>`).
 
-from dllm_rl.objectives import diffu_grpo, dmpo, gdsd, spg, wd1  # noqa: F401  (registers the objectives)
+Every module of this package is imported here, so a new objective is a new file whose class carries
+``@register_objective("<name>")``, plus its preset ``conf/objective/<name>.yaml`` (docs/ARCHITECTURE.md,
+"Adding an objective").
+"""
+
+import importlib
+import pkgutil
+
 from dllm_rl.objectives.base import (
     OBJECTIVES,
     Objective,
@@ -9,6 +16,10 @@ from dllm_rl.objectives.base import (
     group_mean_advantages,
     register_objective,
 )
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")  # registers the objective(s) it defines
 
 __all__ = [
     "OBJECTIVES",
