@@ -38,8 +38,6 @@ def help_text(config_name: str, overrides: Sequence[str] = ()) -> str:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf, open_dict
 
-    import dllm_rl  # noqa: F401  (registers the config schemas)
-
     with initialize_config_module(CONF_PACKAGE, version_base="1.3"):
         cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
     header = str(cfg.hydra.help.header).rstrip("\n")

@@ -342,14 +342,18 @@ class Trainer:
         ``self.last_skip_reason`` says why, or is None for an applied step.
         """
         skipped_before = self.engine.skipped_steps
-        verdict: list[str | None] = [None]
+        reason: str | None = None
+
+        def counts(records: list[tuple[float, dict[str, float], int]]) -> tuple[int, int]:
+            """Non-finite per-sequence surrogates and sequences over the micro-batches so far."""
+            bad = sum(int(m.get("nonfinite_seqs", 0)) for _, m, _ in records)
+            return bad, sum(int(m.get("num_seqs", rows)) for _, m, rows in records)
 
         def guard(loss: torch.Tensor, records: list[tuple[float, dict[str, float], int]]) -> torch.Tensor:
             # Before the last backward: a step to skip gets a NaN gradient, which ZeRO's overflow check discards.
-            bad_seqs = sum(int(m.get("nonfinite_seqs", 0)) for _, m, _ in records)
-            seqs = sum(int(m.get("num_seqs", rows)) for _, m, rows in records)
-            verdict[0] = self._skip_reason([v for v, _, _ in records], bad_seqs, seqs)
-            return loss if verdict[0] is None else loss + self._nan_gradient()
+            nonlocal reason
+            reason = self._skip_reason([v for v, _, _ in records], *counts(records))
+            return loss if reason is None else loss + self._nan_gradient()
 
         records = accumulate_step(
             self.engine,
@@ -361,18 +365,15 @@ class Trainer:
             bool(self.cfg["objective"]["loss_forward_dropout"]),
             last_loss=guard,
         )
-        reason = verdict[0]
         losses = [v for v, _, _ in records]
+        nonfinite_seqs, num_seqs = counts(records)
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
-        nonfinite_seqs = num_seqs = 0
-        for _, metrics, rows in records:
-            # Counts add up over micro-batches; every other metric is averaged over the micro-batches
-            # that report it, weighted as the objective says (objectives.base.metric_weight).
-            nonfinite_seqs += int(metrics.pop("nonfinite_seqs", 0))
-            num_seqs += int(metrics.pop("num_seqs", rows))
+        for _, metrics, _ in records:
+            # Counts add up over micro-batches (above); every other metric is averaged over the
+            # micro-batches that report it, weighted as the objective says (objectives.base.metric_weight).
             for k, v in metrics.items():
-                if not k.endswith(METRIC_WEIGHT_SUFFIX):
+                if k not in ("nonfinite_seqs", "num_seqs") and not k.endswith(METRIC_WEIGHT_SUFFIX):
                     w = float(metrics.get(metric_weight(k), 1.0))
                     sums[k] = sums.get(k, 0.0) + w * v
                     weights[k] = weights.get(k, 0.0) + w

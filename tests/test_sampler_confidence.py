@@ -20,13 +20,11 @@ import math
 
 import pytest
 import torch
+from test_fast_samplers import ALPHABET, tiny_policy
 
-from dllm_rl.models.policy import Policy, build_tiny
+from dllm_rl.models.policy import Policy
 from dllm_rl.samplers import get_sampler
 from dllm_rl.samplers.low_confidence import LowConfidenceSampler
-
-ALPHABET = "0123456789abcdef"
-
 
 # ------------------------------------------------------------------ LLaDA's generate(), written out plainly
 
@@ -114,26 +112,6 @@ def llada_generate(
 
 
 # ------------------------------------------------------------------ models
-
-
-def tiny_policy(layers: int = 2, seed: int = 0) -> Policy:
-    """A random LLaDA-architecture policy with weights scaled so that predictions are input dependent."""
-    cfg = {
-        "family": "llada",
-        "hidden_size": 32,
-        "num_layers": layers,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "max_position_embeddings": 128,
-        "dtype": "float32",
-    }
-    policy = build_tiny(cfg, ALPHABET, seed)
-    with torch.no_grad():
-        for p in policy.model.parameters():
-            if p.dim() > 1:
-                p.mul_(4.0)
-    policy.model.eval()
-    return policy
 
 
 def mask_biased(policy: Policy, low: float = -1.0, high: float = 4.0, seed: int = 0):
