@@ -51,8 +51,10 @@ from typing import Any
 
 import torch
 
-KINDS = ("full", "random", "blockwise", "stratified")
-WEIGHTS = ("none", "inv_t_sampled", "inv_t_empirical", "inv_count", "tlc")
+from dllm_rl.config import MaskKind, MaskWeight
+
+KINDS = tuple(k.value for k in MaskKind)
+WEIGHTS = tuple(w.value for w in MaskWeight)
 
 
 def mask_seed(*parts: int | str) -> int:

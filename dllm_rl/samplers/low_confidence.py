@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from dllm_rl.config import Remasking, SamplerCache, SamplerConfidence
 from dllm_rl.models.kv_cache import WindowKVCache
 from dllm_rl.models.positions import position_ids_from_attention_mask
 from dllm_rl.samplers.registry import register_sampler
@@ -63,9 +64,9 @@ log = logging.getLogger(__name__)
 # kv_cache= and window= (the signature of Policy.logits).
 LogitsFn = Callable[..., torch.Tensor]
 
-REMASKING = ("low_confidence", "random", "entropy", "margin")
-CACHES = ("none", "prefix", "dual")
-CONFIDENCES = ("full", "renormalized")
+REMASKING = tuple(r.value for r in Remasking)
+CACHES = tuple(c.value for c in SamplerCache)
+CONFIDENCES = tuple(c.value for c in SamplerConfidence)
 
 
 def commit_counts(masked_in_block: torch.Tensor, steps: int) -> torch.Tensor:
