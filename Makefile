@@ -43,7 +43,7 @@ swap-torch: $(STAMP)
 run: install
 	$(PY) -m dllm_rl objective=spg task=sudoku
 
-# the papers' comparisons at small scale (about 45 min on 2 CPU cores): runs under outputs/reproduce/,
+# the papers' comparisons at small scale (about 50 min on 2 CPU cores): runs under outputs/reproduce/,
 # tables and plots into docs/RESULTS.md and docs/results/
 reproduce: install
 	WANDB_MODE=disabled $(PY) -m dllm_rl.experiments.reproduce --page docs/RESULTS.md

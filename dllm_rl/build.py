@@ -7,6 +7,8 @@ the variance instrument and the benches build through these same functions.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +38,41 @@ def optimizer_config(o: dict[str, Any]) -> dict[str, Any]:
     return {"type": "AdamW", "params": {**params, "torch_adam": True}}
 
 
+def _schedule(o: dict[str, Any]) -> str:
+    kind = o.get("schedule", "constant")
+    return getattr(kind, "value", kind)
+
+
+def lr_lambda(steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    """optim.schedule=cosine as a factor of optim.lr per optimizer step k = 0 .. steps - 1: a linear
+    warm-up over ``warmup`` steps ((k + 1) / warmup, so no step runs at lr 0), then a half cosine that
+    reaches ``min_ratio`` at the last step."""
+
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        span = max(1, steps - 1 - warmup)
+        progress = min(1.0, (k - warmup) / span)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def lr_scheduler(cfg: dict[str, Any]) -> Callable[[Any], Any] | None:
+    """What deepspeed.initialize takes as lr_scheduler for optim.schedule=cosine (a callable that builds a
+    torch LambdaLR on the optimizer; its step count is saved in every checkpoint); None otherwise, where the
+    DeepSpeed dict's own WarmupLR (warm-up only) or nothing sets the learning rate."""
+    o = cfg["optim"]
+    if _schedule(o) != "cosine":
+        return None
+    factor = lr_lambda(int(cfg["train"]["steps"]), int(o["warmup_steps"]), float(o["min_lr_ratio"]))
+
+    def build(optimizer: Any) -> Any:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    return build
+
+
 def deepspeed_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """DeepSpeed's dict: the deepspeed group's own keys plus the batch arithmetic and optimizer."""
     from dllm_rl.config import world_size
@@ -62,7 +99,7 @@ def deepspeed_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if ds.get("bf16", {}).get("enabled"):
         # The trainer's non-finite guard rides on ZeRO's overflow skip, which bf16 only runs with this on.
         ds["bf16"] = {**ds["bf16"], "check_grad_overflow": True}
-    if o["warmup_steps"] > 0:
+    if o["warmup_steps"] > 0 and _schedule(o) == "constant":
         ds["scheduler"] = {
             "type": "WarmupLR",
             "params": {
@@ -125,6 +162,7 @@ def build_training(cfg: dict[str, Any], policy: Any, device: torch.device) -> tu
         model=policy.model,
         model_parameters=[p for p in policy.model.parameters() if p.requires_grad],
         config=deepspeed_config(cfg),
+        lr_scheduler=lr_scheduler(cfg),
     )
     policy.forward_module = engine
     if cfg["model"].get("compile"):

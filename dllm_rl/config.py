@@ -518,6 +518,11 @@ class OptimType(Enum):
     SGD = "SGD"
 
 
+class LRSchedule(Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
 @dataclass
 class OptimCfg:
     type: OptimType = OptimType.AdamW
@@ -528,6 +533,8 @@ class OptimCfg:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
+    schedule: LRSchedule = LRSchedule.constant
+    min_lr_ratio: float = 0.0
 
 
 @dataclass
@@ -786,6 +793,8 @@ def validate(cfg: Any) -> None:
     ):
         if value is not None:
             need(value >= low, f"{where}={value} must be >= {low}" + (f" (or null: {null})" if null else ""))
+    ratio = cfg["optim"]["min_lr_ratio"]
+    need(0.0 <= ratio <= 1.0, f"optim.min_lr_ratio={ratio} must be in [0, 1] (the final lr as a fraction of optim.lr)")
     for split in ("train", "validation", "test"):
         size = cfg["task"].get(f"{split}_size")
         if size is not None and cfg["task"].get(f"{split}_file") is None:

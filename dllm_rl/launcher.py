@@ -151,5 +151,3 @@ def _read_status(run_dir: Path) -> dict[str, Any]:
         return json.loads((run_dir / "status.json").read_text())
     except (OSError, ValueError):
         return {}
-
-

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 import dllm_rl  # noqa: F401  (ConfigStore registration)
-from dllm_rl.config import check_writable, validate
+from dllm_rl.config import apply_round_budget, check_writable, validate
 from dllm_rl.errors import ConfigError
 
 CONF_DIR = Path(dllm_rl.__file__).parent / "conf"
@@ -201,3 +203,36 @@ def test_optimizer_type_reaches_deepspeed():
     assert sgd["zero_allow_untested_optimizer"] is True
     with pytest.raises(ConfigCompositionException):
         _compose("optim.type=Lion")
+
+
+def test_cosine_schedule_runs_every_step_from_lr_down_to_its_floor():
+    from dllm_rl.build import deepspeed_config, lr_lambda, lr_scheduler
+
+    def built(*overrides: str) -> dict:
+        cfg = OmegaConf.to_container(_compose(*overrides), resolve=True)
+        apply_round_budget(cfg)  # as the CLI does before anything reads train.steps
+        validate(cfg)
+        return cfg
+
+    plain = built()
+    assert "scheduler" not in deepspeed_config(plain) and lr_scheduler(plain) is None
+    assert deepspeed_config(built("optim.warmup_steps=5"))["scheduler"]["type"] == "WarmupLR"
+    # train.rounds decides train.steps (10 rounds x mu 8) before the schedule's length is read
+    cfg = built("optim.schedule=cosine", "optim.min_lr_ratio=0.1", "train.rounds=10", "objective=gdsd")
+    assert "scheduler" not in deepspeed_config(cfg)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    sched = lr_scheduler(cfg)(opt)
+    lrs = []
+    for _ in range(80):  # the lr each optimizer step runs with; the engine steps the scheduler after it
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1e-5)
+    # the half cosine over steps 0 .. 79: step 40 is 40/79 of the way
+    assert lrs[40] == pytest.approx(1e-5 + 9e-5 * (1 + math.cos(math.pi * 40 / 79)) / 2)
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    # a warm-up never runs a step at lr 0 and ends at the full lr
+    warm = [lr_lambda(10, 4, 0.0)(k) for k in range(10)]
+    assert warm[:4] == [0.25, 0.5, 0.75, 1.0] and warm[4] == 1.0 and warm[-1] == 0.0
+    with pytest.raises(ConfigError, match="optim.min_lr_ratio=1.5"):
+        built("optim.schedule=cosine", "optim.min_lr_ratio=1.5")
