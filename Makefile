@@ -53,10 +53,11 @@ reproduce-quick: install
 	WANDB_MODE=disabled $(PY) -m dllm_rl.experiments.reproduce --quick
 
 # test processes side by side (pytest-xdist); each test file stays in one process, so its module-scoped
-# bases and runs are built once; TEST_WORKERS=0 runs the suite in this process alone
+# bases and runs are built once, and files start in collection order (tests/conftest.py puts the longest
+# first); TEST_WORKERS=0 runs the suite in this process alone
 TEST_WORKERS ?= 2
 test: install
-	WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(PY) -m ruff check dllm_rl hydra_plugins tests bench

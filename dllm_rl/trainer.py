@@ -342,6 +342,7 @@ class Trainer:
         ``self.last_skip_reason`` says why, or is None for an applied step.
         """
         skipped_before = self.engine.skipped_steps
+        lr = float(self.engine.get_lr()[0])  # the rate this step runs with (the schedule moves on after it)
         reason: str | None = None
 
         def counts(records: list[tuple[float, dict[str, float], int]]) -> tuple[int, int]:
@@ -400,7 +401,7 @@ class Trainer:
         return {
             "loss": sum(losses) / parts,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": float(self.engine.get_lr()[0]),
+            "lr": lr,
             **means,
             "skipped": int(reason is not None),
             "nonfinite_seqs": nonfinite_seqs,
