@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from dllm_rl.config import option
 from dllm_rl.errors import DllmRlError
 
 log = logging.getLogger("dllm_rl")
@@ -31,16 +32,10 @@ def quiet_libraries() -> None:
 
 def optimizer_config(o: dict[str, Any]) -> dict[str, Any]:
     """DeepSpeed's optimizer entry: AdamW (DeepSpeed's torch-backed AdamW) or SGD with momentum (torch.optim.SGD)."""
-    kind = o.get("type", "AdamW")
-    if getattr(kind, "value", kind) == "SGD":
+    if option(o, "type") == "SGD":
         return {"type": "SGD", "params": {"lr": o["lr"], "momentum": o["momentum"], "weight_decay": o["weight_decay"]}}
     params = {"lr": o["lr"], "betas": list(o["betas"]), "eps": o["eps"], "weight_decay": o["weight_decay"]}
     return {"type": "AdamW", "params": {**params, "torch_adam": True}}
-
-
-def _schedule(o: dict[str, Any]) -> str:
-    kind = o.get("schedule", "constant")
-    return getattr(kind, "value", kind)
 
 
 def lr_lambda(steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -63,7 +58,7 @@ def lr_scheduler(cfg: dict[str, Any]) -> Callable[[Any], Any] | None:
     torch LambdaLR on the optimizer; its step count is saved in every checkpoint); None otherwise, where the
     DeepSpeed dict's own WarmupLR (warm-up only) or nothing sets the learning rate."""
     o = cfg["optim"]
-    if _schedule(o) != "cosine":
+    if option(o, "schedule") != "cosine":
         return None
     factor = lr_lambda(int(cfg["train"]["steps"]), int(o["warmup_steps"]), float(o["min_lr_ratio"]))
 
@@ -99,7 +94,7 @@ def deepspeed_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if ds.get("bf16", {}).get("enabled"):
         # The trainer's non-finite guard rides on ZeRO's overflow skip, which bf16 only runs with this on.
         ds["bf16"] = {**ds["bf16"], "check_grad_overflow": True}
-    if o["warmup_steps"] > 0 and _schedule(o) == "constant":
+    if o["warmup_steps"] > 0 and option(o, "schedule") == "constant":
         ds["scheduler"] = {
             "type": "WarmupLR",
             "params": {

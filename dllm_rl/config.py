@@ -955,14 +955,15 @@ def task_file_errors(task: Any) -> list[str]:
     return errors
 
 
-def _value(node: Any, key: str) -> Any:
+def option(node: Any, key: str) -> Any:
+    """A config value with Enum members read as their plain string (typed configs and plain dicts alike)."""
     value = node[key]
     return getattr(value, "value", value)
 
 
 def _validate_mask(m: Any, where: str, copies: int | None, need: Any) -> None:
     """Rules of one mask schedule; ``copies`` is the number of masked copies drawn per sequence."""
-    kind = _value(m, "kind")
+    kind = option(m, "kind")
     need(
         0.0 <= m["t_min"] < m["t_max"] <= 1.0,
         f"{where}.t_min={m['t_min']} and {where}.t_max={m['t_max']} need 0 <= t_min < t_max <= 1",
@@ -994,18 +995,18 @@ def _validate_objective(o: Any, s: Any, need: Any) -> None:
         need(o["mc_pairs"] >= 1, f"objective.mc_pairs={o['mc_pairs']} must be >= 1")
         copies = 2 * o["mc_pairs"]
         need(
-            _value(o["mask"], "kind") == "stratified" and bool(o["mask"]["coupled"]),
+            option(o["mask"], "kind") == "stratified" and bool(o["mask"]["coupled"]),
             "objective=gdsd scores coupled stratified masks: objective.mask.kind must be stratified and "
             "objective.mask.coupled true",
         )
         need(
-            _value(o["mask"], "weight") == "none",
+            option(o["mask"], "weight") == "none",
             "objective=gdsd sets the copy weights from objective.score (plain or tlc): "
             "leave objective.mask.weight=none",
         )
         need(0.0 < o["epsilon"] < 1.0, f"objective.epsilon={o['epsilon']} must be in (0, 1)")
     _validate_mask(o["mask"], "objective.mask", copies, need)
-    if _value(o["mask"], "kind") == "blockwise":
+    if option(o["mask"], "kind") == "blockwise":
         need(
             s["gen_length"] % o["mask"]["block_len"] == 0,
             f"objective.mask.block_len={o['mask']['block_len']} must divide sampler.gen_length={s['gen_length']}",
@@ -1030,10 +1031,10 @@ def _validate_objective(o: Any, s: Any, need: Any) -> None:
         need(o["alpha"] >= 0 or o["alpha"] == -1, f"objective.alpha={o['alpha']} must be >= 0 (or -1: raw rewards)")
         need(0.0 < o["coeff"] <= 1.0, f"objective.coeff={o['coeff']} must be in (0, 1]")
         need(0.0 < o["ess_target"] <= 1.0, f"objective.ess_target={o['ess_target']} must be in (0, 1]")
-        if _value(o, "loss") == "wddo":
+        if option(o, "loss") == "wddo":
             need(copies is not None and copies >= 2 and copies % 2 == 0, "objective.loss=wddo needs an even mc_samples")
     if name in ("diffu_grpo", "wd1"):
-        need(_value(o["mask"], "kind") == "full", f"objective={name} uses the one-step estimator: mask.kind=full")
+        need(option(o["mask"], "kind") == "full", f"objective={name} uses the one-step estimator: mask.kind=full")
     if name == "diffu_grpo":
         need(o["epsilon"] > 0, f"objective.epsilon={o['epsilon']} must be > 0")
         need(o["beta"] >= 0, f"objective.beta={o['beta']} must be >= 0")

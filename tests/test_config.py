@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -230,7 +231,7 @@ def test_cosine_schedule_runs_every_step_from_lr_down_to_its_floor():
     assert lrs[0] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1e-5)
     # the half cosine over steps 0 .. 79: step 40 is 40/79 of the way
     assert lrs[40] == pytest.approx(1e-5 + 9e-5 * (1 + math.cos(math.pi * 40 / 79)) / 2)
-    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(lrs))
     # a warm-up never runs a step at lr 0 and ends at the full lr
     warm = [lr_lambda(10, 4, 0.0)(k) for k in range(10)]
     assert warm[:4] == [0.25, 0.5, 0.75, 1.0] and warm[4] == 1.0 and warm[-1] == 0.0

@@ -61,12 +61,6 @@ def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Te
     return group_mean_advantages(rewards, group_size) * (group_size / (group_size - 1))
 
 
-def option(cfg: Mapping[str, Any], key: str) -> Any:
-    """A config value with Enum members read as their plain string."""
-    value = cfg[key]
-    return getattr(value, "value", value)
-
-
 class Objective(abc.ABC):
     """A policy loss computed from a RolloutBatch.
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
+from dllm_rl.config import option
 from dllm_rl.likelihood.masks import concat_draws
 from dllm_rl.objectives.base import (
     Objective,
     RolloutBatch,
     finite_or_zero,
-    option,
     register_objective,
     with_step_zero_placeholder,
 )

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dllm_rl.config import option
 from dllm_rl.likelihood.bounds import elbo
-from dllm_rl.objectives.base import Objective, RolloutBatch, finite_or_zero, option, register_objective
+from dllm_rl.objectives.base import Objective, RolloutBatch, finite_or_zero, register_objective
 
 
 def normalised_ess(weights: torch.Tensor) -> torch.Tensor:

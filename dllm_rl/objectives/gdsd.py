@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from dllm_rl.config import option
 from dllm_rl.likelihood.bounds import coupled_score
 from dllm_rl.likelihood.masks import MaskDraw, concat_draws
 from dllm_rl.objectives.base import (
@@ -35,7 +36,6 @@ from dllm_rl.objectives.base import (
     RolloutBatch,
     finite_or_zero,
     leave_one_out_advantages,
-    option,
     register_objective,
     with_step_zero_placeholder,
 )

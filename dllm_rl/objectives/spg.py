@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from dllm_rl.config import option
 from dllm_rl.likelihood.bounds import elbo, eubo, mixture
 from dllm_rl.likelihood.masks import concat_draws
 from dllm_rl.objectives.base import (
@@ -40,7 +41,6 @@ from dllm_rl.objectives.base import (
     RolloutBatch,
     finite_or_zero,
     metric_weight,
-    option,
     register_objective,
 )
 

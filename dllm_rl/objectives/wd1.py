@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from dllm_rl.objectives.base import Objective, RolloutBatch, finite_or_zero, option, register_objective
+from dllm_rl.config import option
+from dllm_rl.objectives.base import Objective, RolloutBatch, finite_or_zero, register_objective
 
 
 @register_objective("wd1")
