@@ -575,6 +575,7 @@ class EvaluateCfg:
     subset_size: int | None = None
     subset_seed: int = 42
     batch_size: int = 8
+    marginals: bool = False
 
 
 @dataclass
@@ -860,7 +861,7 @@ def validate(cfg: Any) -> None:
     ckpt = cfg["checkpoint"]
     need(ckpt["every_n_steps"] >= 0, "checkpoint.every_n_steps must be >= 0 (0 = only at the end)")
     need(ckpt["keep_last"] >= 1, "checkpoint.keep_last must be >= 1")
-    mode = ckpt.get("resume_mode", "auto")
+    mode = ckpt["resume_mode"]
     need(mode in RESUME_MODES, f"checkpoint.resume_mode={mode!r} must be one of {', '.join(RESUME_MODES)}")
     if mode == "path":
         rp = ckpt.get("resume_path")

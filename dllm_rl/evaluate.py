@@ -63,6 +63,8 @@ def check(cfg: dict[str, Any]) -> None:
         errors.append(f"evaluate.subset_size={e['subset_size']} must be >= 1 (or null: all)")
     if int(cfg["cluster"]["nproc"]) < 1:
         errors.append(f"cluster.nproc={cfg['cluster']['nproc']} must be >= 1")
+    if e["marginals"] and cfg["task"]["prompt_style"] != "compact":
+        errors.append("evaluate.marginals=true needs task.prompt_style=compact (a chat answer has no fixed position)")
     errors += model_errors(cfg["model"], str(cfg["cluster"]["device"]), path_given_elsewhere=bool(e["checkpoint"]))
     errors += task_file_errors(cfg["task"])
     if errors:
@@ -190,6 +192,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             evaluation.write_jsonl(run_dir / f"generations_len{length}.jsonl", records)
             log.info("length %d: %s", length, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    marginals = None
+    if ecfg["marginals"] and rank == 0:
+        length = int(cfg["task"]["completion_length"])
+        marginals = evaluation.target_marginals(policy, task, examples, length, int(ecfg["batch_size"]))
+        (run_dir / "marginals.json").write_text(json.dumps(marginals, indent=2))
+        log.info(
+            "marginals (whole completion masked, %d answer positions): argmax_acc=%.4f mean_p_target=%.4f",
+            marginals["positions"],
+            marginals["argmax_acc"],
+            marginals["mean_p_target"],
+        )
     metric_names = [k for k, v in next(iter(per_length.values())).items() if isinstance(v, float)]
     result = {
         "checkpoint": source,
@@ -206,6 +219,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         "sampler": cfg["sampler"]["name"],
         "per_length": per_length,
         "average": {k: sum(r[k] for r in per_length.values()) / len(per_length) for k in metric_names},
+        **({"marginals": marginals} if marginals is not None else {}),
         "wall_seconds": time.perf_counter() - start,
     }
     if rank == 0:
@@ -236,9 +250,15 @@ def summary_line(result: dict[str, Any]) -> str:
     name = result["primary_metric"]
     lengths = " ".join(f"L{n}={r[name]:.4f}" for n, r in result["per_length"].items())
     per100 = sum(r["seconds_per_100"] for r in result["per_length"].values())
+    marginals = result.get("marginals")
+    first_step = (
+        f" | whole completion masked: argmax {marginals['argmax_acc']:.4f}, mean p(answer) {marginals['mean_p_target']:.4f}"
+        if marginals
+        else ""
+    )
     return (
         f"evaluate {result['task']} ({result['split']}, {result['num_examples']} examples): {name} {lengths} | "
-        f"average {result['average'][name]:.4f} | {per100:.1f} s per 100 examples over all lengths | "
+        f"average {result['average'][name]:.4f}{first_step} | {per100:.1f} s per 100 examples over all lengths | "
         f"checkpoint {result['checkpoint']} ({result['checkpoint_choice']})"
     )
 

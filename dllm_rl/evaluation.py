@@ -222,3 +222,73 @@ def write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
     with path.open("w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
+
+
+# Edges of the p(reference token) histogram of target_marginals.
+MARGINAL_EDGES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
+
+
+def target_marginals(
+    policy: Policy, task: Task, examples: Sequence[Mapping[str, Any]], completion_length: int, batch_size: int
+) -> dict[str, Any]:
+    """How sure the model is of the reference answer before it decodes anything (compact tasks).
+
+    One forward per micro-batch with the whole completion masked: at every completion position the
+    reward reads (``Task.reward_blind_positions``; all of them when the task cannot say) the
+    probability of the reference token (``Task.target``) and whether it is the argmax. Returned:
+    ``positions``, ``argmax_acc``, ``mean_p_target``, ``histogram`` (share of positions per bin of
+    p, edges ``MARGINAL_EDGES``) and ``argmax_wrong`` (where the argmax is wrong, the share with the
+    reference token below 0.1, in [0.1, 0.3) and from 0.3 on: how far RL has to move those cells).
+    Comparing a checkpoint with its base shows whether RL moved the answer or only the confidence
+    (docs/RESULTS.md, "The testbed"). Chat tasks have no fixed answer position: ConfigError.
+    """
+    if task.chat:
+        raise ConfigError(
+            "evaluate.marginals=true needs a compact-style task (task.prompt_style=compact): a chat "
+            "completion has no fixed position for each answer token"
+        )
+    from dllm_rl.models.positions import position_ids_from_attention_mask
+
+    probs: list[float] = []
+    hits: list[bool] = []
+    for lo in range(0, len(examples), batch_size):
+        chunk = examples[lo : lo + batch_size]
+        ids, attention = policy.encode_prompts([ex["eval_prompt"] for ex in chunk], prefill=task.eval_prefill)
+        masked = torch.full((len(chunk), completion_length), policy.mask_id, dtype=ids.dtype, device=ids.device)
+        full_ids = torch.cat([ids, masked], dim=1)
+        full_attention = torch.cat([attention, torch.ones_like(masked)], dim=1)
+        with policy.scoring():
+            logits = policy.logits(full_ids, full_attention, position_ids_from_attention_mask(full_attention))
+        p = logits[:, -completion_length:].float().softmax(dim=-1)
+        top = p.argmax(dim=-1)
+        for row, ex in enumerate(chunk):
+            target = policy.tokenizer(task.target(ex), add_special_tokens=False)["input_ids"][:completion_length]
+            blind = task.reward_blind_positions(ex, completion_length) or [False] * completion_length
+            for i, token in enumerate(target):
+                if not blind[i]:
+                    probs.append(float(p[row, i, token]))
+                    hits.append(int(top[row, i]) == token)
+    values, hit = np.asarray(probs), np.asarray(hits, dtype=bool)
+    if values.size == 0:
+        raise ConfigError("evaluate.marginals: no scored answer position in the evaluated examples")
+    counts, _ = np.histogram(values, bins=MARGINAL_EDGES)
+    wrong = values[~hit]
+
+    def share(selected: np.ndarray) -> float:
+        return float(selected.mean()) if wrong.size else 0.0
+
+    return {
+        "positions": int(values.size),
+        "argmax_acc": float(hit.mean()),
+        "mean_p_target": float(values.mean()),
+        "histogram": {
+            f"{a:g}-{b:g}": float(c) / values.size
+            for a, b, c in zip(MARGINAL_EDGES[:-1], MARGINAL_EDGES[1:], counts, strict=True)
+        },
+        "argmax_wrong": {
+            "positions": int(wrong.size),
+            "p<0.1": share(wrong < 0.1),
+            "0.1<=p<0.3": share((wrong >= 0.1) & (wrong < 0.3)),
+            "p>=0.3": share(wrong >= 0.3),
+        },
+    }

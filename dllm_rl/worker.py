@@ -106,7 +106,7 @@ def _previous_attempt(run_dir: Path) -> dict[str, Any]:
 def resume_point(cfg: dict[str, Any], run_dir: Path) -> Path | None:
     """The checkpoint this run continues from (checkpoint.resume_mode); collective, the same for all ranks."""
     ccfg = cfg["checkpoint"]
-    mode = ccfg.get("resume_mode", "auto")
+    mode = ccfg["resume_mode"]
     path: Path | None = None
     if mode == "path":
         path = Path(os.path.expanduser(str(ccfg["resume_path"]))).absolute()

@@ -53,7 +53,7 @@ def run_eval(tmp: Path, name: str, *args: str) -> tuple[subprocess.CompletedProc
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
-    proc, run_dir = run_eval(tmp, "one")
+    proc, run_dir = run_eval(tmp, "one", "evaluate.marginals=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, proc, run_dir
 
@@ -73,6 +73,11 @@ def test_writes_generations_and_metrics_per_length(single):
     assert result["average"]["cell_acc"] == pytest.approx(mean)
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("evaluate sudoku (test, 12 examples): cell_acc L16=") and "per 100 examples" in last
+    # evaluate.marginals=true: one answer position per blank of the 12 puzzles (8 each in the test split)
+    marginals = json.loads((run_dir / "marginals.json").read_text())
+    assert result["marginals"] == marginals and marginals["positions"] == 12 * 8
+    assert sum(marginals["histogram"].values()) == pytest.approx(1.0)
+    assert f"whole completion masked: argmax {marginals['argmax_acc']:.4f}" in last
 
 
 def test_subset_is_the_seeded_choice_of_the_test_split(single):
@@ -146,3 +151,55 @@ def test_protocol_block_and_steps(length, per_token, expected):
         return
     settings = protocol(ecfg, length)
     assert (settings["block_length"], settings["steps"]) == expected
+
+
+def test_marginals_score_the_reference_token_at_the_positions_the_reward_reads(tmp_path, monkeypatch):
+    """A network that puts p = 0.9 on the reference digit at even completion positions and p = 0.04 at
+    odd ones: the blanks alone are scored, and the statistics are those of that construction."""
+    import numpy as np
+    import torch
+
+    from dllm_rl.evaluation import target_marginals
+    from dllm_rl.tasks import get_task
+
+    task = get_task("sudoku", {"train_size": 50, "validation_size": 4, "test_size": 6}, tmp_path)
+    examples = task.dataset("test").to_list()
+    policy = build_tiny(
+        {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 64, "dtype": "float32"},
+        task.alphabet,
+        seed=0,
+    )
+    vocab = len(policy.tokenizer)
+    digits = [policy.tokenizer.convert_tokens_to_ids(d) for d in "1234"]
+    answers = [[policy.tokenizer.convert_tokens_to_ids(c) for c in ex["solution"]] for ex in examples]
+    calls = []
+
+    def designed_logits(ids, attention, position_ids=None, **_):
+        rows = [answers[len(calls) * 4 + r] for r in range(ids.shape[0])]  # micro-batches of 4 below
+        calls.append(ids.shape[0])
+        probs = torch.full((ids.shape[0], ids.shape[1], vocab), 1e-9)
+        for r, answer in enumerate(rows):
+            for k, token in enumerate(answer):
+                col = ids.shape[1] - 16 + k
+                if k % 2 == 0:
+                    probs[r, col, digits] = 0.1 / 3
+                    probs[r, col, token] = 0.9
+                else:
+                    probs[r, col, digits] = 0.32
+                    probs[r, col, token] = 0.04
+        return probs.log()
+
+    monkeypatch.setattr(policy, "logits", designed_logits)
+    result = target_marginals(policy, task, examples, 16, batch_size=4)
+    blanks = [k for ex in examples for k, ch in enumerate(ex["puzzle"]) if ch == "0"]
+    even = np.mean([k % 2 == 0 for k in blanks])
+    assert calls == [4, 2] and result["positions"] == len(blanks) == 6 * 8
+    assert result["argmax_acc"] == pytest.approx(even)
+    assert result["mean_p_target"] == pytest.approx(0.9 * even + 0.04 * (1 - even), abs=1e-6)
+    assert result["histogram"]["0.8-1"] == pytest.approx(even) and result["histogram"]["0-0.05"] == pytest.approx(1 - even)
+    assert result["argmax_wrong"]["positions"] == round(len(blanks) * (1 - even))
+    assert result["argmax_wrong"]["p<0.1"] == 1.0
+
+    chat = get_task("sudoku", {"train_size": 50, "validation_size": 4, "test_size": 6, "prompt_style": "chat"}, tmp_path)
+    with pytest.raises(ConfigError, match="compact"):
+        target_marginals(policy, chat, examples, 16, batch_size=4)

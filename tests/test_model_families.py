@@ -150,6 +150,26 @@ def test_lora_targets_the_papers_matrices_inside_the_layers_only(family):
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_lora_initialisation_follows_the_run_seed_and_leaves_the_global_generator_alone():
+    """Two runs of one configuration start from the same adapter (PEFT draws A from torch's global
+    generator, which the run does not otherwise seed at that point); another seed gives another one."""
+
+    calls = []
+
+    def adapter(seed):
+        policy = policy_of("tiny")
+        calls.append(seed)
+        torch.manual_seed(1000 + len(calls))  # whatever state the process happens to be in
+        state = torch.random.get_rng_state()
+        policy.apply_lora(small_lora(), seed=seed)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        return {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_A" in n}
+
+    first, again, other = adapter(0), adapter(0), adapter(1)
+    assert first and all(torch.equal(first[n], again[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
 @pytest.mark.parametrize("family", ["tiny", "llada", "dream"])
 def test_lora_reference_save_load_and_merge(family, tmp_path):
     policy = policy_of(family)

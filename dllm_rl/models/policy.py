@@ -120,11 +120,13 @@ class Policy:
         with torch.no_grad():
             return self.family.align_logits(self._reference_copy(**kwargs).logits)
 
-    def apply_lora(self, lora: Mapping[str, Any], quantized: bool = False) -> None:
+    def apply_lora(self, lora: Mapping[str, Any], quantized: bool = False, seed: int = 0) -> None:
         """Wrap the network in a fresh PEFT LoRA adapter (model.lora); only the adapter trains.
 
-        Call before ``attach_reference`` and DeepSpeed: π_ref is then the same weights with the adapter
-        switched off, with no second copy.
+        The adapter's random initialisation (PEFT draws its A matrices from torch's global generator)
+        is drawn under ``seed`` (the run's seed), so that two runs of one configuration start from the
+        same adapter; the global generator is left as it was. Call before ``attach_reference`` and
+        DeepSpeed: π_ref is then the same weights with the adapter switched off, with no second copy.
         """
         from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -132,7 +134,10 @@ class Policy:
             raise ConfigError("model.lora.enabled: the policy already carries an adapter (model.adapter)")
         if quantized:
             self.model = prepare_model_for_kbit_training(self.model, use_gradient_checkpointing=False)
-        self.model = get_peft_model(self.model, loading.lora_config(self.family, lora))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            self.model = get_peft_model(self.model, loading.lora_config(self.family, lora))
         self.forward_module = self.model
 
     @property
