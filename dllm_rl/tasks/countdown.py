@@ -45,6 +45,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
+from dllm_rl.config import CountdownTaskCfg
 from dllm_rl.errors import ConfigError
 from dllm_rl.tasks.arith import (
     MAX_LITERAL_DIGITS,
@@ -463,27 +464,32 @@ _GENERATOR_FIELDS = (
 )
 
 
+# The schema's defaults (dllm_rl/config.py CountdownTaskCfg, the one place they are written).
+_DEFAULT = CountdownTaskCfg()
+
+
 @dataclasses.dataclass(frozen=True)
 class CountdownConfig:
-    """The task.* options this task reads (dllm_rl/config.py CountdownTaskCfg; docs/tasks.md, "Countdown")."""
+    """The task.* options this task reads, checked (docs/tasks.md, "Countdown"); defaults are the
+    schema's (CountdownTaskCfg)."""
 
-    seed: int = 42
-    train_size: int = 20000
-    validation_size: int = 500
-    test_size: int = 256
-    number_min: int = 1
-    number_max: int = 100
-    target_min: int = 1
-    target_max: int = 100
-    class_mix: tuple[float, float, float] = (0.895, 0.039, 0.066)
-    reward_mode: str = "fixed"
-    train_hub_id: str | None = None
-    train_hub_config: str | None = None
-    train_hub_split: str = "train"
-    train_file: str | None = None
-    validation_file: str | None = None
-    test_file: str | None = None
-    completion_length: int = 16
+    seed: int = _DEFAULT.seed
+    train_size: int = _DEFAULT.train_size
+    validation_size: int = _DEFAULT.validation_size
+    test_size: int = _DEFAULT.test_size
+    number_min: int = _DEFAULT.number_min
+    number_max: int = _DEFAULT.number_max
+    target_min: int = _DEFAULT.target_min
+    target_max: int = _DEFAULT.target_max
+    class_mix: tuple[float, float, float] = tuple(_DEFAULT.class_mix)  # type: ignore[assignment]
+    reward_mode: str = _DEFAULT.reward_mode
+    train_hub_id: str | None = _DEFAULT.train_hub_id
+    train_hub_config: str | None = _DEFAULT.train_hub_config
+    train_hub_split: str = _DEFAULT.train_hub_split
+    train_file: str | None = _DEFAULT.train_file
+    validation_file: str | None = _DEFAULT.validation_file
+    test_file: str | None = _DEFAULT.test_file
+    completion_length: int = _DEFAULT.completion_length
 
     @classmethod
     def from_cfg(cls, cfg: Mapping[str, Any]) -> CountdownConfig:

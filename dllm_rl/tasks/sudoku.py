@@ -29,6 +29,7 @@ from typing import Any
 import datasets
 import numpy as np
 
+from dllm_rl.config import SudokuTaskCfg
 from dllm_rl.errors import ConfigError
 from dllm_rl.tasks.base import (
     SPLITS,
@@ -348,25 +349,30 @@ _GENERATOR_FIELDS = (
 )
 
 
+# The schema's defaults (dllm_rl/config.py SudokuTaskCfg, the one place they are written).
+_DEFAULT = SudokuTaskCfg()
+
+
 @dataclasses.dataclass(frozen=True)
 class SudokuConfig:
-    """Sudoku task options; see the module docstring and docs/tasks.md, "Sudoku"."""
+    """The task.* options the generator and rewards read, checked; see the module docstring and
+    docs/tasks.md, "Sudoku". Defaults are the schema's (SudokuTaskCfg)."""
 
-    seed: int = 42
-    split: str = "leak_free"  # "leak_free" (grids split train/test) | "d1" (shared grids, not leak-free)
-    train_grids: int = 200  # leak_free only: training solution grids; the other 88 are test grids
-    train_size: int = 20000
-    validation_size: int = 256
-    test_size: int = 256
-    blanks_min: int = 6
-    blanks_max: int = 10
-    test_blanks: int = 8
-    require_unique: bool = False
-    credit_alternative_solutions: bool = True
-    few_shot: int = 3
-    train_file: str | None = None
-    validation_file: str | None = None
-    test_file: str | None = None
+    seed: int = _DEFAULT.seed
+    split: str = _DEFAULT.split  # "leak_free" (grids split train/test) | "d1" (shared grids, not leak-free)
+    train_grids: int = _DEFAULT.train_grids  # leak_free only: training solution grids; the rest are test grids
+    train_size: int = _DEFAULT.train_size
+    validation_size: int = _DEFAULT.validation_size
+    test_size: int = _DEFAULT.test_size
+    blanks_min: int = _DEFAULT.blanks_min
+    blanks_max: int = _DEFAULT.blanks_max
+    test_blanks: int = _DEFAULT.test_blanks
+    require_unique: bool = _DEFAULT.require_unique
+    credit_alternative_solutions: bool = _DEFAULT.credit_alternative_solutions
+    few_shot: int = _DEFAULT.few_shot
+    train_file: str | None = _DEFAULT.train_file
+    validation_file: str | None = _DEFAULT.validation_file
+    test_file: str | None = _DEFAULT.test_file
 
     @classmethod
     def from_cfg(cls, cfg: Mapping[str, Any]) -> SudokuConfig:
