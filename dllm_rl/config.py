@@ -545,6 +545,7 @@ class EvalCfg:
     before_train: bool = True
     num_examples: int | None = None
     batch_size: int = 256
+    marginals: bool = False
 
 
 @dataclass
@@ -857,6 +858,10 @@ def validate(cfg: Any) -> None:
     need(
         tcfg.get("prompt_style", "compact") in ("compact", "chat"),
         f"task.prompt_style={tcfg.get('prompt_style')!r} must be compact or chat",
+    )
+    need(
+        not cfg["eval"]["marginals"] or tcfg.get("prompt_style", "compact") == "compact",
+        "eval.marginals=true needs task.prompt_style=compact (a chat answer has no fixed position)",
     )
     ckpt = cfg["checkpoint"]
     need(ckpt["every_n_steps"] >= 0, "checkpoint.every_n_steps must be >= 0 (0 = only at the end)")

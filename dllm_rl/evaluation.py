@@ -229,7 +229,12 @@ MARGINAL_EDGES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
 
 
 def target_marginals(
-    policy: Policy, task: Task, examples: Sequence[Mapping[str, Any]], completion_length: int, batch_size: int
+    policy: Policy,
+    task: Task,
+    examples: Sequence[Mapping[str, Any]],
+    completion_length: int,
+    batch_size: int,
+    zero3_params: str = "lockstep",
 ) -> dict[str, Any]:
     """How sure the model is of the reference answer before it decodes anything (compact tasks).
 
@@ -240,7 +245,9 @@ def target_marginals(
     p, edges ``MARGINAL_EDGES``) and ``argmax_wrong`` (where the argmax is wrong, the share with the
     reference token below 0.1, in [0.1, 0.3) and from 0.3 on: how far RL has to move those cells).
     Comparing a checkpoint with its base shows whether RL moved the answer or only the confidence
-    (docs/RESULTS.md, "The testbed"). Chat tasks have no fixed answer position: ConfigError.
+    (docs/RESULTS.md, "The testbed"). Chat tasks have no fixed answer position: ConfigError. Every rank
+    runs the same forwards on the same examples (under ZeRO-3 every rank must call this; ``zero3_params``
+    as in ``generate``).
     """
     if task.chat:
         raise ConfigError(
@@ -257,7 +264,7 @@ def target_marginals(
         masked = torch.full((len(chunk), completion_length), policy.mask_id, dtype=ids.dtype, device=ids.device)
         full_ids = torch.cat([ids, masked], dim=1)
         full_attention = torch.cat([attention, torch.ones_like(masked)], dim=1)
-        with policy.scoring():
+        with zero3.rollout_params(policy, zero3_params), policy.scoring():
             logits = policy.logits(full_ids, full_attention, position_ids_from_attention_mask(full_attention))
         p = logits[:, -completion_length:].float().softmax(dim=-1)
         top = p.argmax(dim=-1)

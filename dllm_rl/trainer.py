@@ -525,6 +525,20 @@ class Trainer:
             shard=self.world > 1,
             zero3_params=self.zero3_params,
         )
+        if self.cfg["eval"]["marginals"]:
+            # how sure the model is of each answer with the completion masked (evaluate.marginals)
+            marginals = evaluation.target_marginals(
+                self.policy,
+                self.task,
+                self._eval_examples(split),
+                int(self.cfg["task"]["completion_length"]),
+                int(self.cfg["eval"]["batch_size"]),
+                self.zero3_params,
+            )
+            metrics["marginal_argmax_acc"] = marginals["argmax_acc"]
+            metrics["marginal_mean_p"] = marginals["mean_p_target"]
+            metrics["marginal_p_below_0.05"] = marginals["histogram"]["0-0.05"]
+            metrics["marginal_p_above_0.8"] = marginals["histogram"]["0.8-1"]
         metrics["seconds"] = time.perf_counter() - start
         name = f"step_{step}.jsonl" if split == "test" else f"{split}_step_{step}.jsonl"
         if self.rank == 0:

@@ -83,6 +83,7 @@ def test_enum_value_is_checked(override):
         (["objective=gdsd", "objective/mask=random"], ["objective.mask.kind"]),
         (["objective=dmpo", "objective.coeff=0"], ["objective.coeff"]),
         (["objective=diffu_grpo", "objective/mask=random"], ["mask.kind=full"]),
+        (["task.prompt_style=chat", "eval.marginals=true"], ["eval.marginals", "task.prompt_style=compact"]),
     ],
 )
 def test_cross_field_rules_name_the_fields(overrides, fields):

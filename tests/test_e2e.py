@@ -61,9 +61,24 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     run_dir = root / "run"
-    proc = run_cli(*FAST, f"cache_dir={root / 'cache'}", f"hydra.run.dir={run_dir}", "logging=none")
+    proc = run_cli(
+        *FAST, "eval.marginals=true", f"cache_dir={root / 'cache'}", f"hydra.run.dir={run_dir}", "logging=none"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, run_dir, proc
+
+
+def test_eval_marginals_are_logged_with_every_evaluation(finished_run):
+    """eval.marginals=true: each evaluation also logs how sure the model is of the answers with the
+    completion masked, the same statistics python -m dllm_rl.evaluate evaluate.marginals=true writes."""
+    _, run_dir, _ = finished_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    tests = [r for r in rows if "eval/cell_acc" in r]
+    assert [r["step"] for r in tests] == [0, 2, 4]
+    for row in tests:
+        assert 0.0 <= row["eval/marginal_argmax_acc"] <= 1.0 and 0.0 < row["eval/marginal_mean_p"] < 1.0
+        assert row["eval/marginal_p_below_0.05"] + row["eval/marginal_p_above_0.8"] <= 1.0
+    assert all("val/marginal_mean_p" in r for r in rows if "val/cell_acc" in r)
 
 
 def test_run_writes_summary_metrics_and_config(finished_run):
