@@ -182,7 +182,9 @@ def test_testbed_presets_apply_to_their_model_and_task_only():
     # the tiny-model Sudoku testbed (conf/testbed*/): its own estimator settings for spg, the paper's otherwise
     testbed = _compose("objective=spg", "task=sudoku")
     assert testbed.objective.mask.prompt_mask_prob == 0.0 and testbed.objective.inner_iterations == 1
-    assert testbed.rollout.prompts_per_step == 32 and testbed.task.warmstart_steps == 200
+    assert testbed.rollout.prompts_per_step == 64 and testbed.task.warmstart_steps == 200  # Q 64: spg's own
+    assert testbed.train.steps == 125
+    assert _compose("objective=elbo", "task=sudoku").rollout.prompts_per_step == 32  # every objective's
     paper = _compose("objective=spg", "task=sudoku", "~testbed", "~testbed_objective")
     assert paper.objective.mask.prompt_mask_prob == 0.15 and paper.objective.inner_iterations == 4
     assert paper.rollout.prompts_per_step == 16 and paper.objective.beta == 1.0  # objective_task stays

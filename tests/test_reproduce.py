@@ -49,13 +49,13 @@ def _jobs(chunk: reproduce.Chunk) -> list[list[str]]:
 @pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
 def test_every_planned_job_composes_and_gets_the_same_rollout_budget(quick):
     plan = reproduce.make_plan(quick)
-    budget = (f"train.rounds={plan.rounds}", f"eval.every_n_rounds={plan.eval_every}")
     rollouts, seen = defaultdict(set), set()
     with initialize_config_module(config_module="dllm_rl.conf", version_base="1.3"):  # one context for all jobs
         for chunk in plan.chunks:
             jobs = _jobs(chunk)
             assert len(jobs) == chunk.jobs, chunk.name
             sweep = next(o for o in chunk.overrides if o.startswith("+sweep="))
+            budget = reproduce.budget_overrides(chunk, plan)
             for job in jobs:
                 cfg = compose("config", overrides=[sweep, *job, *budget])
                 with open_dict(cfg):
@@ -67,8 +67,9 @@ def test_every_planned_job_composes_and_gets_the_same_rollout_budget(quick):
                 per_round = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
                 rollouts[cfg.task.name].add(cfg.train.steps // mu * per_round)
                 seen.add((chunk.experiment, cfg.task.name, cfg.objective.name, cfg.seed))
-    # every run of a task sees the same number of rollouts, whatever its mu (the tiny Sudoku testbed's Q is 32)
+    # every run of a task sees the same number of rollouts, whatever its mu and its testbed preset's Q
     assert all(len(budgets) == 1 for budgets in rollouts.values()), dict(rollouts)
+    assert rollouts["sudoku"] == {plan.rounds * 32 * 8} and rollouts["countdown"] == {plan.rounds * 16 * 8}
     objectives = {o for e, _, o, _ in seen if e == "main"}
     assert objectives == set(plan.objectives)
     assert {t for _, t, _, _ in seen} == set(reproduce.TASKS)

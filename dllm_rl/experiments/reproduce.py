@@ -213,14 +213,29 @@ def _ablation_chunks(seeds: tuple[int, ...]) -> list[Chunk]:
     return chunks
 
 
+# Q, rollout prompts per round, of every run of a task: part of the reproduction's budget, fixed here so
+# that a testbed preset measured for one objective (Q = 64 for the SPG main job on Sudoku) does not give
+# that objective more rollouts than the others or stretch the 60-minute plan
+PROMPTS_PER_ROUND = {"sudoku": 32, "countdown": 16}
+
+
+def budget_overrides(chunk: Chunk, plan: Plan) -> list[str]:
+    """Rounds, evaluation cadence and Q: the same budget for every run of a task."""
+    task = next(o.split("=", 1)[1] for o in chunk.overrides if o.startswith("task="))
+    return [
+        f"train.rounds={plan.rounds}",
+        f"eval.every_n_rounds={plan.eval_every}",
+        f"rollout.prompts_per_step={PROMPTS_PER_ROUND[task]}",
+    ]
+
+
 def chunk_command(chunk: Chunk, plan: Plan, root: Path, threads: int, extra: list[str]) -> list[str]:
     return [
         sys.executable,
         "-m",
         "dllm_rl",
         *chunk.overrides,
-        f"train.rounds={plan.rounds}",
-        f"eval.every_n_rounds={plan.eval_every}",
+        *budget_overrides(chunk, plan),
         f"cluster.threads={threads}",
         "logging=none",
         f"hydra.sweep.dir={root / chunk.name}",
