@@ -134,8 +134,8 @@ class Policy:
             raise ConfigError("model.lora.enabled: the policy already carries an adapter (model.adapter)")
         if quantized:
             self.model = prepare_model_for_kbit_training(self.model, use_gradient_checkpointing=False)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        # torch.manual_seed seeds the CPU and every CUDA device: fork (and so restore) all of them
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             torch.manual_seed(seed)
             self.model = get_peft_model(self.model, loading.lora_config(self.family, lora))
         self.forward_module = self.model
