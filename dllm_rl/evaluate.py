@@ -252,7 +252,8 @@ def summary_line(result: dict[str, Any]) -> str:
     per100 = sum(r["seconds_per_100"] for r in result["per_length"].values())
     marginals = result.get("marginals")
     first_step = (
-        f" | whole completion masked: argmax {marginals['argmax_acc']:.4f}, mean p(answer) {marginals['mean_p_target']:.4f}"
+        f" | whole completion masked: argmax {marginals['argmax_acc']:.4f},"
+        f" mean p(answer) {marginals['mean_p_target']:.4f}"
         if marginals
         else ""
     )

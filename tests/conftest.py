@@ -18,19 +18,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # fill in around them and both processes finish together. Any file not named here runs after them.
 LONGEST_FIRST = (
     "test_sanity.py",
-    "test_scale.py",
     "test_slurm.py",
+    "test_scale.py",
     "test_reproduce.py",
-    "test_tasks_e2e.py",
-    "test_faults_input.py",
-    "test_model_families.py",
-    "test_gpu_check.py",
-    "test_faults_rundir.py",
-    "test_bench.py",
     "test_e2e.py",
-    "test_faults_cli.py",
-    "test_rewards_adversarial.py",
+    "test_tasks_e2e.py",
+    "test_sweeps.py",
     "test_zero3_rollouts.py",
+    "test_rewards_adversarial.py",
+    "test_gpu_check.py",
+    "test_bench.py",
+    "test_evaluate.py",
+    "test_config.py",
+    "test_faults_rundir.py",
+    "test_model_families.py",
+    "test_bench_sampler.py",
 )
 
 

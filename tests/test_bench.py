@@ -12,13 +12,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from forked import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "spg_step.py"
@@ -49,14 +48,7 @@ def run_bench(tmp_path: Path, *args: str) -> dict:
     dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, *TINY, f"--json={out}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_script(SCRIPT, *args, *TINY, f"--json={out}", cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "total" in proc.stdout and "MFU" in proc.stdout  # the readable table went to stdout
     return json.loads(out.read_text())

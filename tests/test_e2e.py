@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from forked import run_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,16 +46,10 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = child_env()
-    return subprocess.run(
-        [sys.executable, "-m", "dllm_rl", *args],
-        cwd=cwd or REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def run_cli(*args: str, cwd: Path | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """``python -m dllm_rl <args>`` as its own process, forked from a preloaded server (tests/forked.py;
+    ``fresh=True``: a new interpreter)."""
+    return run_module("dllm_rl", *args, env=child_env(), cwd=cwd or REPO, fresh=fresh)
 
 
 @pytest.fixture(scope="module")

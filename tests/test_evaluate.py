@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from forked import run_module
 from test_e2e import REPO, child_env
 
 from dllm_rl.errors import ConfigError
@@ -31,21 +31,14 @@ SMALL = [
 
 def run_eval(tmp: Path, name: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
     run_dir = tmp / name
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dllm_rl.evaluate",
-            *SMALL,
-            f"cache_dir={tmp / 'cache'}",
-            f"hydra.run.dir={run_dir}",
-            *args,
-        ],
+    proc = run_module(
+        "dllm_rl.evaluate",
+        *SMALL,
+        f"cache_dir={tmp / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+        *args,
         cwd=REPO,
         env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     return proc, run_dir
 
@@ -196,10 +189,14 @@ def test_marginals_score_the_reference_token_at_the_positions_the_reward_reads(t
     assert calls == [4, 2] and result["positions"] == len(blanks) == 6 * 8
     assert result["argmax_acc"] == pytest.approx(even)
     assert result["mean_p_target"] == pytest.approx(0.9 * even + 0.04 * (1 - even), abs=1e-6)
-    assert result["histogram"]["0.8-1"] == pytest.approx(even) and result["histogram"]["0-0.05"] == pytest.approx(1 - even)
+    assert result["histogram"]["0.8-1"] == pytest.approx(even) and result["histogram"]["0-0.05"] == pytest.approx(
+        1 - even
+    )
     assert result["argmax_wrong"]["positions"] == round(len(blanks) * (1 - even))
     assert result["argmax_wrong"]["p<0.1"] == 1.0
 
-    chat = get_task("sudoku", {"train_size": 50, "validation_size": 4, "test_size": 6, "prompt_style": "chat"}, tmp_path)
+    chat = get_task(
+        "sudoku", {"train_size": 50, "validation_size": 4, "test_size": 6, "prompt_style": "chat"}, tmp_path
+    )
     with pytest.raises(ConfigError, match="compact"):
         target_marginals(policy, chat, examples, 16, batch_size=4)

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from forked import run_module
 from test_e2e import FAST, REPO, child_env, run_cli
 
 from dllm_rl.evaluate import resolve_checkpoint
@@ -115,7 +116,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults_cli")
     run_dir = root / "run"
     args = [*FAST, "eval.batch_size=8", "eval.splits=[test]"]
-    proc = run_cli(*args, f"cache_dir={root / 'cache'}", f"hydra.run.dir={run_dir}", "logging=none")
+    # a new interpreter: the libraries' import-time output is part of what the tests below check
+    proc = run_cli(*args, f"cache_dir={root / 'cache'}", f"hydra.run.dir={run_dir}", "logging=none", fresh=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, run_dir, proc
 
@@ -151,28 +153,21 @@ def evaluated(trained):
     one block, 8 steps) in batches of 5."""
     root, run_dir, _ = trained
     out = root / "eval"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dllm_rl.evaluate",
-            f"evaluate.checkpoint={run_dir}",
-            "evaluate.gen_lengths=[16]",
-            "evaluate.steps_per_token=0.5",
-            "evaluate.subset_size=12",
-            "evaluate.batch_size=5",
-            "task.train_size=500",
-            "task.validation_size=32",
-            "task.test_size=32",
-            "logging=none",
-            f"cache_dir={root / 'cache'}",
-            f"hydra.run.dir={out}",
-        ],
+    proc = run_module(
+        "dllm_rl.evaluate",
+        f"evaluate.checkpoint={run_dir}",
+        "evaluate.gen_lengths=[16]",
+        "evaluate.steps_per_token=0.5",
+        "evaluate.subset_size=12",
+        "evaluate.batch_size=5",
+        "task.train_size=500",
+        "task.validation_size=32",
+        "task.test_size=32",
+        "logging=none",
+        f"cache_dir={root / 'cache'}",
+        f"hydra.run.dir={out}",
         cwd=REPO,
         env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, out, proc

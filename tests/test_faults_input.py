@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from forked import run_module
 from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
@@ -108,14 +109,7 @@ def test_on_bad_reward_zero_counts_them_as_zero_and_warns(tmp_path, plugin, capl
 
 def _run(plugin_dir: Path, root: Path, name: str, *overrides: str) -> subprocess.CompletedProcess:
     args = [*FAST, "logging=none", f"cache_dir={root / 'cache'}", f"hydra.run.dir={root / name}", *overrides]
-    return subprocess.run(
-        [sys.executable, "-m", "dllm_rl", *args],
-        cwd=REPO,
-        env=child_env(PYTHONPATH=str(plugin_dir)),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module("dllm_rl", *args, cwd=REPO, env=child_env(PYTHONPATH=str(plugin_dir)))
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from forked import run_module
 
 from tests.test_e2e import REPO, child_env
 
@@ -33,8 +34,12 @@ def load_check():
     return module
 
 
+def smoke_args(out: Path, *extra: str) -> list[str]:
+    return ["--smoke", f"--out={out}", *extra, "cluster.threads=1"]
+
+
 def smoke_command(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "bench.gpu_check", "--smoke", f"--out={out}", *extra, "cluster.threads=1"]
+    return [sys.executable, "-m", "bench.gpu_check", *smoke_args(out, *extra)]
 
 
 def test_plan_puts_the_headline_measurements_first():
@@ -134,9 +139,7 @@ def smoke(tmp_path_factory) -> dict:
         cut["peaks"] = cut["peaks"][:1]
         out.write_text(json.dumps(cut))
         missing = cut["plan"][-2:]
-    second = subprocess.run(
-        smoke_command(out, f"--page={page}"), cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600
-    )
+    second = run_module("bench.gpu_check", *smoke_args(out, f"--page={page}"), cwd=REPO, env=child_env())
     assert second.returncode == 0, second.stderr[-4000:]
     return {
         "cut": cut,
@@ -220,13 +223,8 @@ def test_smoke_writes_markdown_and_the_page_section(smoke):
     assert page.count(check.BEGIN) == 1 and page.count(check.END) == 1
     assert page.split(check.BEGIN, 1)[1].split(check.END, 1)[0].strip() == md.strip()
     # Another setting into the same file is refused before anything is measured.
-    again = subprocess.run(
-        [*smoke_command(smoke["out"]), "sampler.remasking=margin"],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    again = run_module(
+        "bench.gpu_check", *smoke_args(smoke["out"]), "sampler.remasking=margin", cwd=REPO, env=child_env(), timeout=300
     )
     assert again.returncode != 0 and "other settings (overrides)" in again.stderr
     assert json.loads(smoke["out"].read_text())["measurements"] == r["measurements"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from forked import run_module
 from safetensors.torch import load_file, save_file
 
 from dllm_rl.config import validate
@@ -385,28 +386,19 @@ def test_family_trains_with_lora_and_evaluates_from_its_adapter(model, objective
     assert (export / "adapter_config.json").is_file() and not (export / "config.json").exists()
     base = Path(json.loads((export / "adapter_config.json").read_text())["base_model_name_or_path"])
     assert (base / "warmstart.json").is_file()  # the adapter points at the cached warm-started base
-    import subprocess
-    import sys
 
     from tests.test_e2e import child_env
 
     out = tmp_path / "eval"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dllm_rl.evaluate",
-            f"model={model}",
-            f"evaluate.checkpoint={run_dir}",
-            "evaluate.subset_size=8",
-            f"cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={out}",
-        ],
+    proc = run_module(
+        "dllm_rl.evaluate",
+        f"model={model}",
+        f"evaluate.checkpoint={run_dir}",
+        "evaluate.subset_size=8",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={out}",
         cwd=REPO,
         env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())

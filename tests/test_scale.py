@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked import run_module
 from safetensors.torch import load_file
 
 from tests.test_e2e import REPO, child_env, run_cli
@@ -263,7 +264,9 @@ def run_ok(*command: str) -> subprocess.CompletedProcess:
 
 def resume(run_dir: Path) -> subprocess.CompletedProcess:
     """The documented way back: the worker entry on the run's own resolved config."""
-    return run_ok(sys.executable, "-m", "dllm_rl.worker", str(run_dir / "config.yaml"))
+    proc = run_module("dllm_rl.worker", str(run_dir / "config.yaml"), cwd=REPO, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:

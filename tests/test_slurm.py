@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from forked import run_module
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from test_e2e import FAST, REPO, child_env
@@ -138,13 +139,8 @@ def submit(sweep: Path, env: dict[str, str], overrides: list[str]) -> None:
     it leaves in the queue is cancelled."""
     start = time.perf_counter()
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "dllm_rl", *overrides, f"hydra.sweep.dir={sweep}"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=SUBMIT_TIMEOUT_S,
+        proc = run_module(
+            "dllm_rl", *overrides, f"hydra.sweep.dir={sweep}", cwd=REPO, env=env, timeout=SUBMIT_TIMEOUT_S
         )
     finally:
         _cancel_jobs(sweep, env)
@@ -175,14 +171,7 @@ def test_sweep_runs_one_slurm_job_per_point_with_its_own_task_count(slurm_cluste
         assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
         assert sorted(p.name for p in (run_dir / "logs").glob("rank*.log")) == [f"rank{r}.log" for r in range(world)]
 
-    report = subprocess.run(
-        [sys.executable, "-m", "dllm_rl.experiments.report", str(sweep)],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    report = run_module("dllm_rl.experiments.report", str(sweep), cwd=REPO, env=child_env(), timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     runs_table = report.stdout.split("## Mean")[0]
     header = next(line for line in runs_table.splitlines() if line.startswith("| objective"))

@@ -5,11 +5,11 @@ tiny run through the real entry point."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
+from forked import run_module
 from test_e2e import REPO, child_env
 
 from dllm_rl.errors import ConfigError
@@ -235,14 +235,7 @@ def test_tiny_run_writes_variance_json_and_one_summary_line(tmp_path):
         f"cache_dir={tmp_path / 'cache'}",
         f"hydra.run.dir={run_dir}",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "dllm_rl.variance", *tiny],
-        cwd=REPO,
-        env=child_env(OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_module("dllm_rl.variance", *tiny, cwd=REPO, env=child_env(OMP_NUM_THREADS="1"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run_dir / "variance.json").read_text())
     assert {"total", "positions", "groups", "per_round", "seconds", "wall_seconds", "rounds", "mask_draws"} <= set(
