@@ -124,9 +124,7 @@ def build_policy(cfg: dict[str, Any], task: Any) -> tuple[Any, dict[str, Any]]:
         path, info = ensure_base(cfg, task)
         policy, info = load_from_config(path, mcfg, trainable=True), {"source": str(path), **info}
     if mcfg["lora"]["enabled"] and mcfg.get("adapter") is None:
-        policy.apply_lora(
-            mcfg["lora"], quantized=mcfg.get("quantization", "none") != "none", seed=int(cfg["seed"])
-        )
+        policy.apply_lora(mcfg["lora"], quantized=mcfg.get("quantization", "none") != "none", seed=int(cfg["seed"]))
     if mcfg.get("adapter") is not None:
         info["adapter"] = str(mcfg["adapter"])
     return policy, info

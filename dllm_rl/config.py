@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -139,13 +140,12 @@ class MaskCfg:
     stratify_over: StratifyOver = StratifyOver.microbatch
 
 
-class LossNorm(Enum):
-    token_weighted = "token_weighted"
-    per_sequence = "per_sequence"
-
-
 @dataclass
 class ObjectiveCfg:
+    """What every objective takes (the ``objective`` section); each objective declares its own schema,
+    a subclass of this one, beside its code and registers it with ``@register_objective(name, config=...)``
+    (docs/ARCHITECTURE.md, "Adding an objective")."""
+
     name: str = MISSING
     inner_iterations: int = 1
     mask: MaskCfg = field(default_factory=MaskCfg)
@@ -153,110 +153,44 @@ class ObjectiveCfg:
     loss_forward_dropout: bool = True
     max_nonfinite_frac: float = 0.5
 
+    @classmethod
+    def mask_copies(cls, o: Any) -> int | None:
+        """Masked copies drawn per sequence from ``objective.mask`` (None: the schema has no such count)."""
+        return o.get("mc_samples")
 
-@dataclass
-class ELBOCfg(ObjectiveCfg):
-    name: str = "elbo"
-    mc_samples: int = 2
-    loss_norm: LossNorm = LossNorm.token_weighted
-
-
-class NegativeSurrogate(Enum):
-    eubo = "eubo"
-    mix = "mix"
-    elbo = "elbo"
-    zero = "zero"
-
-
-@dataclass
-class SPGCfg(ELBOCfg):
-    name: str = "spg"
-    negative_surrogate: NegativeSurrogate = NegativeSurrogate.mix
-    beta: float = 1.5
-    omega: float = 0.5
-    eubo_mc_samples: int | None = None
-
-
-class DMPOBaseline(Enum):
-    neg = "neg"
-    mean = "mean"
-    none = "none"
+    @classmethod
+    def check(cls, o: Any, sampler: Any, need: Callable[[bool, str], None]) -> None:
+        """The section's rules: ``need(ok, message)`` for each; ``o`` is the composed ``objective`` node (a
+        DictConfig or a plain dict) and ``sampler`` the ``sampler`` one. A schema that adds rules calls
+        ``super().check`` first."""
+        mu = o["inner_iterations"]
+        need(mu >= 1, f"objective.inner_iterations={mu} must be >= 1")
+        need(o["forward_chunk"] >= 0, f"objective.forward_chunk={o['forward_chunk']} must be >= 0 (0 = one forward)")
+        need(
+            0.0 <= o["max_nonfinite_frac"] <= 1.0,
+            f"objective.max_nonfinite_frac={o['max_nonfinite_frac']} must be in [0, 1]",
+        )
+        if o.get("mc_samples") is not None:
+            need(o["mc_samples"] >= 1, f"objective.mc_samples={o['mc_samples']} must be >= 1")
+        check_mask(o["mask"], "objective.mask", cls.mask_copies(o), need)
+        if option(o["mask"], "kind") == "blockwise":
+            need(
+                sampler["gen_length"] % o["mask"]["block_len"] == 0,
+                f"objective.mask.block_len={o['mask']['block_len']} must divide "
+                f"sampler.gen_length={sampler['gen_length']}",
+            )
 
 
-class DMPOLoss(Enum):
-    wdce = "wdce"
-    wddo = "wddo"
+# Component schemas by config group and name, filled by the components' registry decorators
+# (register_schema); config.validate checks each section with the schema its name selects.
+SCHEMAS: dict[str, dict[str, type]] = {"objective": {}}
 
 
-class DMPOReduction(Enum):
-    sum = "sum"
-    mean_over_groups = "mean_over_groups"
-
-
-@dataclass
-class DMPOCfg(ObjectiveCfg):
-    name: str = "dmpo"
-    alpha: float = 0.04
-    coeff: float = 1.0
-    ada_coeff: bool = False
-    ess_target: float = 0.7
-    baseline: DMPOBaseline = DMPOBaseline.neg
-    centering_strength: float = 1.0
-    mc_samples: int = 4
-    rollout_mc_samples: int = 4
-    rollout_mask: MaskCfg = field(default_factory=MaskCfg)
-    loss: DMPOLoss = DMPOLoss.wdce
-    loss_reduction: DMPOReduction = DMPOReduction.sum
-    wddo_alpha: float = 1.0
-    wddo_beta: float = 1.0
-
-
-class GDSDScore(Enum):
-    plain = "plain"
-    tlc = "tlc"
-
-
-class ClampOn(Enum):
-    sum = "sum"
-    per_token = "per_token"
-    none = "none"
-
-
-class MCReduction(Enum):
-    sum = "sum"
-    mean = "mean"
-
-
-@dataclass
-class GDSDCfg(ObjectiveCfg):
-    name: str = "gdsd"
-    psi: float = 1.0
-    beta: float = 1e-3
-    epsilon: float = 4e-4
-    clamp_on: ClampOn = ClampOn.sum
-    score: GDSDScore = GDSDScore.plain
-    mc_pairs: int = 1
-    mc_reduction: MCReduction = MCReduction.sum
-
-
-@dataclass
-class DiffuGRPOCfg(ObjectiveCfg):
-    name: str = "diffu_grpo"
-    epsilon: float = 0.5
-    beta: float = 0.04
-    loss_norm: LossNorm = LossNorm.token_weighted
-
-
-class WD1Variant(Enum):
-    both = "both"
-    pos_only = "pos_only"
-
-
-@dataclass
-class WD1Cfg(ObjectiveCfg):
-    name: str = "wd1"
-    psi: float = 1.0
-    variant: WD1Variant = WD1Variant.both
+def register_schema(group: str, name: str, schema: type) -> None:
+    """Store a component's schema in Hydra's ConfigStore as ``base_<name>`` (its YAML option names it first
+    in its defaults list: ``- /base_<name>@_here_``) and under SCHEMAS[group][name] for validation."""
+    ConfigStore.instance().store(name=f"base_{name}", node=schema)
+    SCHEMAS[group][name] = schema
 
 
 @dataclass
@@ -632,12 +566,6 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     for name, node in [
         ("base_model", ModelCfg),
-        ("base_elbo", ELBOCfg),
-        ("base_spg", SPGCfg),
-        ("base_dmpo", DMPOCfg),
-        ("base_gdsd", GDSDCfg),
-        ("base_diffu_grpo", DiffuGRPOCfg),
-        ("base_wd1", WD1Cfg),
         ("base_sudoku", SudokuTaskCfg),
         ("base_countdown", CountdownTaskCfg),
         ("base_sanity", SanityTaskCfg),
@@ -836,7 +764,7 @@ def validate(cfg: Any) -> None:
             f"train.steps={t['steps']} must be a multiple of objective.inner_iterations={mu} "
             "(each rollout round is inner_iterations optimizer steps)",
         )
-    _validate_objective(o, s, need)
+    SCHEMAS["objective"].get(o["name"], ObjectiveCfg).check(o, s, need)
 
     need(cfg["eval"]["every_n_steps"] >= 0, "eval.every_n_steps must be >= 0 (0 = only before and after)")
     splits = list(cfg["eval"]["splits"])
@@ -967,7 +895,7 @@ def option(node: Any, key: str) -> Any:
     return getattr(value, "value", value)
 
 
-def _validate_mask(m: Any, where: str, copies: int | None, need: Any) -> None:
+def check_mask(m: Any, where: str, copies: int | None, need: Callable[[bool, str], None]) -> None:
     """Rules of one mask schedule; ``copies`` is the number of masked copies drawn per sequence."""
     kind = option(m, "kind")
     need(
@@ -983,67 +911,6 @@ def _validate_mask(m: Any, where: str, copies: int | None, need: Any) -> None:
         )
         if copies is not None:
             need(copies % 2 == 0, f"{where}.coupled=true draws pairs: the number of copies ({copies}) must be even")
-
-
-def _validate_objective(o: Any, s: Any, need: Any) -> None:
-    name = o["name"]
-    mu = o["inner_iterations"]
-    need(mu >= 1, f"objective.inner_iterations={mu} must be >= 1")
-    need(o["forward_chunk"] >= 0, f"objective.forward_chunk={o['forward_chunk']} must be >= 0 (0 = one forward)")
-    need(
-        0.0 <= o["max_nonfinite_frac"] <= 1.0,
-        f"objective.max_nonfinite_frac={o['max_nonfinite_frac']} must be in [0, 1]",
-    )
-    copies = o.get("mc_samples")
-    if copies is not None:
-        need(copies >= 1, f"objective.mc_samples={copies} must be >= 1")
-    if name == "gdsd":
-        need(o["mc_pairs"] >= 1, f"objective.mc_pairs={o['mc_pairs']} must be >= 1")
-        copies = 2 * o["mc_pairs"]
-        need(
-            option(o["mask"], "kind") == "stratified" and bool(o["mask"]["coupled"]),
-            "objective=gdsd scores coupled stratified masks: objective.mask.kind must be stratified and "
-            "objective.mask.coupled true",
-        )
-        need(
-            option(o["mask"], "weight") == "none",
-            "objective=gdsd sets the copy weights from objective.score (plain or tlc): "
-            "leave objective.mask.weight=none",
-        )
-        need(0.0 < o["epsilon"] < 1.0, f"objective.epsilon={o['epsilon']} must be in (0, 1)")
-    _validate_mask(o["mask"], "objective.mask", copies, need)
-    if option(o["mask"], "kind") == "blockwise":
-        need(
-            s["gen_length"] % o["mask"]["block_len"] == 0,
-            f"objective.mask.block_len={o['mask']['block_len']} must divide sampler.gen_length={s['gen_length']}",
-        )
-    if name == "spg":
-        need(o["beta"] > 0, f"objective.beta={o['beta']} must be > 0 (the EUBO's Rényi power)")
-        need(0.0 <= o["omega"] <= 1.0, f"objective.omega={o['omega']} must be in [0, 1]")
-        eubo_copies = o["eubo_mc_samples"]
-        if eubo_copies is not None:
-            need(
-                eubo_copies >= copies,
-                f"objective.eubo_mc_samples={eubo_copies} must be >= objective.mc_samples={copies} "
-                "(the EUBO reuses the ELBO's copies and adds its own)",
-            )
-            need(
-                not o["mask"]["coupled"] or eubo_copies % 2 == 0,
-                f"objective.mask.coupled=true draws pairs: objective.eubo_mc_samples={eubo_copies} must be even",
-            )
-    if name == "dmpo":
-        _validate_mask(o["rollout_mask"], "objective.rollout_mask", o["rollout_mc_samples"], need)
-        need(o["rollout_mc_samples"] >= 1, f"objective.rollout_mc_samples={o['rollout_mc_samples']} must be >= 1")
-        need(o["alpha"] >= 0 or o["alpha"] == -1, f"objective.alpha={o['alpha']} must be >= 0 (or -1: raw rewards)")
-        need(0.0 < o["coeff"] <= 1.0, f"objective.coeff={o['coeff']} must be in (0, 1]")
-        need(0.0 < o["ess_target"] <= 1.0, f"objective.ess_target={o['ess_target']} must be in (0, 1]")
-        if option(o, "loss") == "wddo":
-            need(copies is not None and copies >= 2 and copies % 2 == 0, "objective.loss=wddo needs an even mc_samples")
-    if name in ("diffu_grpo", "wd1"):
-        need(option(o["mask"], "kind") == "full", f"objective={name} uses the one-step estimator: mask.kind=full")
-    if name == "diffu_grpo":
-        need(o["epsilon"] > 0, f"objective.epsilon={o['epsilon']} must be > 0")
-        need(o["beta"] >= 0, f"objective.beta={o['beta']} must be >= 0")
 
 
 # Config choices that need an optional extra: (key, value) -> (the module it brings, the extra's name in pyproject.toml)

@@ -254,7 +254,7 @@ def target_marginals(
             "evaluate.marginals=true needs a compact-style task (task.prompt_style=compact): a chat "
             "completion has no fixed position for each answer token"
         )
-    from dllm_rl.models.positions import position_ids_from_attention_mask
+    from dllm_rl.positions import position_ids_from_attention_mask
 
     probs: list[float] = []
     hits: list[bool] = []

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dllm_rl.models.policy import Policy, build_tiny
-from dllm_rl.models.positions import position_ids_from_attention_mask
+from dllm_rl.positions import position_ids_from_attention_mask
 from dllm_rl.tasks.base import Task
 
 log = logging.getLogger(__name__)

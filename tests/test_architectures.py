@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrained
 import dllm_rl.models  # noqa: F401  (registers the architectures with the Auto classes)
 from dllm_rl.models.dream import DreamConfig, DreamModel, align_logits
 from dllm_rl.models.llada import LLaDAConfig, LLaDAModelLM, bidirectional_attention_mask
-from dllm_rl.models.positions import position_ids_from_attention_mask
+from dllm_rl.positions import position_ids_from_attention_mask
 
 # GSAI-ML/LLaDA-8B-Instruct config.json, key for key (OLMo leftovers included).
 LLADA_8B_INSTRUCT_CONFIG: dict[str, Any] = {

@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 import dllm_rl  # noqa: F401  (ConfigStore registration)
-from dllm_rl.config import apply_round_budget, check_writable, validate
+from dllm_rl.config import SCHEMAS, ObjectiveCfg, apply_round_budget, check_writable, validate
 from dllm_rl.errors import ConfigError
+from dllm_rl.objectives import OBJECTIVES
 
 CONF_DIR = Path(dllm_rl.__file__).parent / "conf"
 
@@ -83,6 +84,11 @@ def test_enum_value_is_checked(override):
         (["objective=gdsd", "objective/mask=random"], ["objective.mask.kind"]),
         (["objective=dmpo", "objective.coeff=0"], ["objective.coeff"]),
         (["objective=diffu_grpo", "objective/mask=random"], ["mask.kind=full"]),
+        (["objective=wd1", "objective/mask=random"], ["mask.kind=full"]),
+        (["objective=gdsd", "objective.mc_pairs=0"], ["objective.mc_pairs"]),
+        (["objective=dmpo", "objective.loss=wddo", "objective.mc_samples=3"], ["objective.loss=wddo"]),
+        (["objective=spg", "objective.eubo_mc_samples=1"], ["objective.eubo_mc_samples", "objective.mc_samples"]),
+        (["objective=rloo_elbo", "objective.mc_samples=0"], ["objective.mc_samples"]),
         (["task.prompt_style=chat", "eval.marginals=true"], ["eval.marginals", "task.prompt_style=compact"]),
     ],
 )
@@ -94,12 +100,28 @@ def test_cross_field_rules_name_the_fields(overrides, fields):
         assert f in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["spg", "elbo", "dmpo", "gdsd", "diffu_grpo", "wd1"])
+@pytest.mark.parametrize("name", ["spg", "elbo", "dmpo", "gdsd", "diffu_grpo", "wd1", "rloo_elbo"])
 def test_every_objective_composes_and_validates(name):
     cfg = _compose(f"objective={name}")
     validate(cfg)
     assert cfg.objective.name == name
     OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_each_objective_owns_its_schema_and_its_rules():
+    """@register_objective(name, config=...) puts the schema beside the code into Hydra's ConfigStore and
+    into the table validate() reads; a plain dict (what a worker loads from config.yaml) gets the same
+    rules as the composed config."""
+    assert set(SCHEMAS["objective"]) == set(OBJECTIVES)
+    for name, schema in SCHEMAS["objective"].items():
+        assert issubclass(schema, ObjectiveCfg) and schema.__module__.startswith("dllm_rl.objectives.")
+        assert OmegaConf.get_type(_compose(f"objective={name}").objective) is schema
+    cfg = _compose("objective=gdsd", "objective.epsilon=2")
+    for form in (cfg, OmegaConf.to_container(cfg, resolve=True)):
+        with pytest.raises(ConfigError, match=r"objective\.epsilon=2\.0 must be in \(0, 1\)"):
+            validate(form)
+    # diffu_grpo's epsilon is a clip range with its own rule: the rule follows the schema, not the key
+    validate(_compose("objective=diffu_grpo", "objective.epsilon=2"))
 
 
 def test_spg_paper_settings_per_task_and_mask_schedules_are_selectable():

@@ -37,8 +37,8 @@ from dllm_rl.likelihood import (
     sequence_mean,
     sequence_sum,
 )
-from dllm_rl.models.positions import position_ids_from_attention_mask
 from dllm_rl.models.tiny import TinyMDLMRMSNorm
+from dllm_rl.positions import position_ids_from_attention_mask
 
 
 def eubo_linear(logp, scored, weight, beta, lengths):

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from dllm_rl.models.kv_cache import WindowKVCache
 from dllm_rl.models.policy import Policy, build_tiny
-from dllm_rl.models.positions import position_ids_from_attention_mask
+from dllm_rl.positions import position_ids_from_attention_mask
 from dllm_rl.samplers.dream import DreamSampler, filter_logits, reveal_counts
 from dllm_rl.samplers.low_confidence import LowConfidenceSampler
 

@@ -24,7 +24,7 @@ from exact import (
 )
 
 from dllm_rl.likelihood import MaskDraw, elbo, mask_seed, masked_logp, sample_masks, token_logprobs
-from dllm_rl.models.positions import position_ids_from_attention_mask
+from dllm_rl.positions import position_ids_from_attention_mask
 
 # ------------------------------------------------------------------------------------------- helpers
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dllm_rl.errors import ConfigError
-from dllm_rl.models.positions import position_ids_from_attention_mask
 from dllm_rl.models.tiny import TinyMDLM, TinyMDLMConfig
+from dllm_rl.positions import position_ids_from_attention_mask
 from dllm_rl.samplers import SAMPLERS, get_sampler
 from dllm_rl.samplers.low_confidence import LowConfidenceSampler, commit_counts
 

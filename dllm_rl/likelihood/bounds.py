@@ -36,12 +36,13 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-import torch
-
+from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.masks import MaskDraw
-from dllm_rl.models.positions import position_ids_from_attention_mask
+from dllm_rl.positions import position_ids_from_attention_mask
 
-LogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
+
+LogitsFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -49,9 +49,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from dllm_rl.config import MaskKind, MaskWeight
+from dllm_rl.lazy import lazy_import
+
+torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 
 KINDS = tuple(k.value for k in MaskKind)
 WEIGHTS = tuple(w.value for w in MaskWeight)

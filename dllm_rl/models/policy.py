@@ -25,7 +25,7 @@ from dllm_rl.models import loading
 from dllm_rl.models.char_tokenizer import build_char_tokenizer
 from dllm_rl.models.families import Family, family_of_model_type, get_family
 from dllm_rl.models.kv_cache import WindowKVCache, windowed_logits
-from dllm_rl.models.positions import position_ids_from_attention_mask
+from dllm_rl.positions import position_ids_from_attention_mask
 
 
 class Policy:

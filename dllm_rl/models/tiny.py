@@ -20,7 +20,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from dllm_rl.models.auto import register_architecture
 from dllm_rl.models.kv_cache import WindowKVCache, key_padding_mask
-from dllm_rl.models.positions import position_ids_from_attention_mask  # noqa: F401  (re-exported)
+from dllm_rl.positions import position_ids_from_attention_mask  # noqa: F401  (re-exported)
 
 MODEL_TYPE = "dllm_rl_tiny"
 

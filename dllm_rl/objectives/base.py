@@ -6,13 +6,16 @@ import abc
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Any
 
-import torch
-
+from dllm_rl.config import ObjectiveCfg, register_schema
 from dllm_rl.errors import ConfigError
+from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.bounds import masked_logp
 from dllm_rl.likelihood.masks import MaskDraw, Stratum, mask_seed, sample_masks
+
+torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 
 
 @dataclass
@@ -240,13 +243,24 @@ def finite_or_zero(values: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.where(finite, values, torch.zeros_like(values)), int((~finite).sum())
 
 
+class LossNorm(Enum):
+    """How a loss over sequences is normalised: by the batch's tokens (token_weighted) or sequences."""
+
+    token_weighted = "token_weighted"
+    per_sequence = "per_sequence"
+
+
 OBJECTIVES: dict[str, type[Objective]] = {}
 
 
-def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
+def register_objective(name: str, config: type[ObjectiveCfg]) -> Callable[[type[Objective]], type[Objective]]:
+    """Class decorator: ``objective=<name>`` builds this class, and ``config`` (a dataclass extending
+    ObjectiveCfg, declared beside the class) is the section's schema, stored for Hydra as ``base_<name>``."""
+
     def wrap(cls: type[Objective]) -> type[Objective]:
         cls.name = name
         OBJECTIVES[name] = cls
+        register_schema("objective", name, config)
         return cls
 
     return wrap

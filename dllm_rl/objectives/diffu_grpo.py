@@ -16,13 +16,15 @@ detached value and prepare scores only steps 1..μ−1 (Objective.reuses_first_f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from dllm_rl.config import option
+from dllm_rl.config import ObjectiveCfg, option
+from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.masks import concat_draws
 from dllm_rl.objectives.base import (
+    LossNorm,
     Objective,
     RolloutBatch,
     finite_or_zero,
@@ -30,8 +32,27 @@ from dllm_rl.objectives.base import (
     with_step_zero_placeholder,
 )
 
+torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 
-@register_objective("diffu_grpo")
+
+@dataclass
+class DiffuGRPOCfg(ObjectiveCfg):
+    """``objective=diffu_grpo``: the clip ε, the KL coefficient β and the loss normalisation."""
+
+    name: str = "diffu_grpo"
+    epsilon: float = 0.5
+    beta: float = 0.04
+    loss_norm: LossNorm = LossNorm.token_weighted
+
+    @classmethod
+    def check(cls, o: Any, sampler: Any, need: Callable[[bool, str], None]) -> None:
+        super().check(o, sampler, need)
+        need(option(o["mask"], "kind") == "full", "objective=diffu_grpo uses the one-step estimator: mask.kind=full")
+        need(o["epsilon"] > 0, f"objective.epsilon={o['epsilon']} must be > 0")
+        need(o["beta"] >= 0, f"objective.beta={o['beta']} must be >= 0")
+
+
+@register_objective("diffu_grpo", config=DiffuGRPOCfg)
 class DiffuGRPOObjective(Objective):
     @property
     def needs_reference(self) -> bool:

@@ -22,15 +22,17 @@ effective sample size 1/(G·Σ w⁺²) hits ``ess_target``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
-from dllm_rl.config import option
+from dllm_rl.config import MaskCfg, ObjectiveCfg, check_mask, option
+from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.bounds import elbo
 from dllm_rl.objectives.base import Objective, RolloutBatch, finite_or_zero, register_objective
+
+torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 
 
 def normalised_ess(weights: torch.Tensor) -> torch.Tensor:
@@ -92,7 +94,57 @@ def signed_weights(
     return {"w_plus": w_pos.reshape(-1), "w_minus": w_neg.reshape(-1), "a": a.reshape(-1), "coeff": c}
 
 
-@register_objective("dmpo")
+class DMPOBaseline(Enum):
+    neg = "neg"
+    mean = "mean"
+    none = "none"
+
+
+class DMPOLoss(Enum):
+    wdce = "wdce"
+    wddo = "wddo"
+
+
+class DMPOReduction(Enum):
+    sum = "sum"
+    mean_over_groups = "mean_over_groups"
+
+
+@dataclass
+class DMPOCfg(ObjectiveCfg):
+    """``objective=dmpo``: the tilt α, the weights' coefficient and ESS target, the weight baseline, the
+    copies of the loss (``mc_samples``) and of the rollout-time scores (``rollout_mc_samples``,
+    ``rollout_mask``), the loss (WDCE or WDDO) and its reduction."""
+
+    name: str = "dmpo"
+    alpha: float = 0.04
+    coeff: float = 1.0
+    ada_coeff: bool = False
+    ess_target: float = 0.7
+    baseline: DMPOBaseline = DMPOBaseline.neg
+    centering_strength: float = 1.0
+    mc_samples: int = 4
+    rollout_mc_samples: int = 4
+    rollout_mask: MaskCfg = field(default_factory=MaskCfg)
+    loss: DMPOLoss = DMPOLoss.wdce
+    loss_reduction: DMPOReduction = DMPOReduction.sum
+    wddo_alpha: float = 1.0
+    wddo_beta: float = 1.0
+
+    @classmethod
+    def check(cls, o: Any, sampler: Any, need: Callable[[bool, str], None]) -> None:
+        super().check(o, sampler, need)
+        check_mask(o["rollout_mask"], "objective.rollout_mask", o["rollout_mc_samples"], need)
+        need(o["rollout_mc_samples"] >= 1, f"objective.rollout_mc_samples={o['rollout_mc_samples']} must be >= 1")
+        need(o["alpha"] >= 0 or o["alpha"] == -1, f"objective.alpha={o['alpha']} must be >= 0 (or -1: raw rewards)")
+        need(0.0 < o["coeff"] <= 1.0, f"objective.coeff={o['coeff']} must be in (0, 1]")
+        need(0.0 < o["ess_target"] <= 1.0, f"objective.ess_target={o['ess_target']} must be in (0, 1]")
+        if option(o, "loss") == "wddo":
+            copies = o["mc_samples"]
+            need(copies is not None and copies >= 2 and copies % 2 == 0, "objective.loss=wddo needs an even mc_samples")
+
+
+@register_objective("dmpo", config=DMPOCfg)
 class DMPOObjective(Objective):
     @property
     def needs_reference(self) -> bool:
@@ -162,7 +214,10 @@ class DMPOObjective(Objective):
             bad = max(bad1, bad2)
             beta_d, alpha_d = float(self.cfg["wddo_beta"]), float(self.cfg["wddo_alpha"])
             w_plus = batch.extras["w_plus"].to(logp.dtype)
-            loss = -(w_plus * F.logsigmoid(beta_d * d1)).mean() - alpha_d * F.logsigmoid(-beta_d * d2).mean()
+            loss = (
+                -(w_plus * torch.nn.functional.logsigmoid(beta_d * d1)).mean()
+                - alpha_d * torch.nn.functional.logsigmoid(-beta_d * d2).mean()
+            )
             metrics["elbo_gain_per_token"] = float((d1.detach() / batch.completion_mask.shape[1]).mean())
         metrics["nonfinite_seqs"] = bad
         return loss, metrics

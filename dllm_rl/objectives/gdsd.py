@@ -24,11 +24,13 @@ most of the signal comes from the first inner step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
-import torch
-
-from dllm_rl.config import option
+from dllm_rl.config import ObjectiveCfg, option
+from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.bounds import coupled_score
 from dllm_rl.likelihood.masks import MaskDraw, concat_draws
 from dllm_rl.objectives.base import (
@@ -40,8 +42,61 @@ from dllm_rl.objectives.base import (
     with_step_zero_placeholder,
 )
 
+torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 
-@register_objective("gdsd")
+
+class GDSDScore(Enum):
+    plain = "plain"
+    tlc = "tlc"
+
+
+class ClampOn(Enum):
+    sum = "sum"
+    per_token = "per_token"
+    none = "none"
+
+
+class MCReduction(Enum):
+    sum = "sum"
+    mean = "mean"
+
+
+@dataclass
+class GDSDCfg(ObjectiveCfg):
+    """``objective=gdsd``: ψ, β and the clamp ε of the regression, the score (plain or tlc), and
+    ``mc_pairs`` coupled mask pairs per sequence."""
+
+    name: str = "gdsd"
+    psi: float = 1.0
+    beta: float = 1e-3
+    epsilon: float = 4e-4
+    clamp_on: ClampOn = ClampOn.sum
+    score: GDSDScore = GDSDScore.plain
+    mc_pairs: int = 1
+    mc_reduction: MCReduction = MCReduction.sum
+
+    @classmethod
+    def mask_copies(cls, o: Any) -> int | None:
+        return 2 * o["mc_pairs"]
+
+    @classmethod
+    def check(cls, o: Any, sampler: Any, need: Callable[[bool, str], None]) -> None:
+        need(o["mc_pairs"] >= 1, f"objective.mc_pairs={o['mc_pairs']} must be >= 1")
+        need(
+            option(o["mask"], "kind") == "stratified" and bool(o["mask"]["coupled"]),
+            "objective=gdsd scores coupled stratified masks: objective.mask.kind must be stratified and "
+            "objective.mask.coupled true",
+        )
+        need(
+            option(o["mask"], "weight") == "none",
+            "objective=gdsd sets the copy weights from objective.score (plain or tlc): "
+            "leave objective.mask.weight=none",
+        )
+        need(0.0 < o["epsilon"] < 1.0, f"objective.epsilon={o['epsilon']} must be in (0, 1)")
+        super().check(o, sampler, need)
+
+
+@register_objective("gdsd", config=GDSDCfg)
 class GDSDObjective(Objective):
     @property
     def needs_reference(self) -> bool:

@@ -14,13 +14,14 @@ by (G − 1)/G. Everything else (masks, copies, μ, loss normalisation) is objec
 
 from __future__ import annotations
 
-import torch
-
+from dllm_rl.lazy import lazy_import
 from dllm_rl.objectives.base import leave_one_out_advantages, register_objective
-from dllm_rl.objectives.spg import ELBOObjective
+from dllm_rl.objectives.spg import ELBOCfg, ELBOObjective
+
+torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 
 
-@register_objective("rloo_elbo")
+@register_objective("rloo_elbo", config=ELBOCfg)
 class RLOOELBOObjective(ELBOObjective):
     def advantages(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         return leave_one_out_advantages(rewards, group_size)

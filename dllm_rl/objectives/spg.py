@@ -28,15 +28,17 @@ per-token ELBO between the first and the last inner step is logged to show what 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
-import torch
-
-from dllm_rl.config import option
+from dllm_rl.config import ObjectiveCfg, option
+from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.bounds import elbo, eubo, mixture
 from dllm_rl.likelihood.masks import concat_draws
 from dllm_rl.objectives.base import (
+    LossNorm,
     Objective,
     RolloutBatch,
     finite_or_zero,
@@ -44,8 +46,54 @@ from dllm_rl.objectives.base import (
     register_objective,
 )
 
+torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 
-@register_objective("spg")
+
+@dataclass
+class ELBOCfg(ObjectiveCfg):
+    """``objective=elbo``: m = ``mc_samples`` masked copies per sequence."""
+
+    name: str = "elbo"
+    mc_samples: int = 2
+    loss_norm: LossNorm = LossNorm.token_weighted
+
+
+class NegativeSurrogate(Enum):
+    eubo = "eubo"
+    mix = "mix"
+    elbo = "elbo"
+    zero = "zero"
+
+
+@dataclass
+class SPGCfg(ELBOCfg):
+    """``objective=spg``: V⁻ = ``negative_surrogate``, the EUBO's Rényi power β and copies m', the mixture's ω."""
+
+    name: str = "spg"
+    negative_surrogate: NegativeSurrogate = NegativeSurrogate.mix
+    beta: float = 1.5
+    omega: float = 0.5
+    eubo_mc_samples: int | None = None
+
+    @classmethod
+    def check(cls, o: Any, sampler: Any, need: Callable[[bool, str], None]) -> None:
+        super().check(o, sampler, need)
+        need(o["beta"] > 0, f"objective.beta={o['beta']} must be > 0 (the EUBO's Rényi power)")
+        need(0.0 <= o["omega"] <= 1.0, f"objective.omega={o['omega']} must be in [0, 1]")
+        eubo_copies, copies = o["eubo_mc_samples"], cls.mask_copies(o)
+        if eubo_copies is not None:
+            need(
+                eubo_copies >= copies,
+                f"objective.eubo_mc_samples={eubo_copies} must be >= objective.mc_samples={copies} "
+                "(the EUBO reuses the ELBO's copies and adds its own)",
+            )
+            need(
+                not o["mask"]["coupled"] or eubo_copies % 2 == 0,
+                f"objective.mask.coupled=true draws pairs: objective.eubo_mc_samples={eubo_copies} must be even",
+            )
+
+
+@register_objective("spg", config=SPGCfg)
 class SPGObjective(Objective):
     def negative_surrogate(self) -> str:
         return option(self.cfg, "negative_surrogate")
@@ -125,7 +173,7 @@ class SPGObjective(Objective):
             metrics["elbo_drift_per_token"] = float((per_token.cpu() - first).nanmean())
 
 
-@register_objective("elbo")
+@register_objective("elbo", config=ELBOCfg)
 class ELBOObjective(SPGObjective):
     """ELBO-PG ("SPG w/ ELBO"): the ELBO for every sample, whatever the sign of its advantage."""
 

@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from dllm_rl.config import Remasking, SamplerCache, SamplerConfidence
 from dllm_rl.models.kv_cache import WindowKVCache
-from dllm_rl.models.positions import position_ids_from_attention_mask
+from dllm_rl.positions import position_ids_from_attention_mask
 from dllm_rl.samplers.registry import register_sampler
 
 log = logging.getLogger(__name__)
