@@ -10,8 +10,9 @@ from dllm_rl.config import register_configs
 
 register_configs()
 
-# The objectives register their own schemas (@register_objective(name, config=...)); their modules
-# name torch lazily (dllm_rl/lazy.py), so this loads no torch.
+# The objectives and samplers register their own schemas (@register_objective / @register_sampler with
+# config=...); their modules name torch lazily (dllm_rl/lazy.py), so this loads no torch.
 import dllm_rl.objectives  # noqa: E402, F401
+import dllm_rl.samplers  # noqa: E402, F401
 
 __version__ = "0.1.0"

@@ -183,7 +183,7 @@ class ObjectiveCfg:
 
 # Component schemas by config group and name, filled by the components' registry decorators
 # (register_schema); config.validate checks each section with the schema its name selects.
-SCHEMAS: dict[str, dict[str, type]] = {"objective": {}}
+SCHEMAS: dict[str, dict[str, type]] = {"objective": {}, "sampler": {}}
 
 
 def register_schema(group: str, name: str, schema: type) -> None:
@@ -326,66 +326,6 @@ class Math500TaskCfg(HubTaskCfg):
     verify_timeout: float = 5.0
     # where the prediction's \boxed{} is taken from: anywhere (d1) | answer_tags (GDSD math_xml)
     math_pred_region: str = "anywhere"
-
-
-class Remasking(Enum):
-    low_confidence = "low_confidence"
-    random = "random"
-    entropy = "entropy"
-    margin = "margin"
-
-
-class SamplerCache(Enum):
-    none = "none"
-    prefix = "prefix"
-    dual = "dual"
-
-
-class NoiseDtype(Enum):
-    float64 = "float64"
-    float32 = "float32"
-
-
-class SamplerConfidence(Enum):
-    """The distribution confidences are measured under (the samplers' module docstrings)."""
-
-    full = "full"
-    renormalized = "renormalized"
-
-
-@dataclass
-class SamplerCfg:
-    name: str = MISSING
-    gen_length: int = MISSING
-    block_length: int = MISSING
-    steps: int = MISSING
-    temperature: float = 1.0
-    remasking: Remasking = Remasking.low_confidence
-    noise_dtype: NoiseDtype = NoiseDtype.float64
-    cache: SamplerCache = SamplerCache.none
-    threshold: float | None = None
-    max_tokens_per_step: int | None = None
-    confidence: SamplerConfidence = SamplerConfidence.full
-
-
-class DreamAlg(Enum):
-    origin = "origin"
-    maskgit_plus = "maskgit_plus"
-    topk_margin = "topk_margin"
-    entropy = "entropy"
-
-
-@dataclass
-class DreamSamplerCfg(SamplerCfg):
-    """Dream's time-grid sampler (README, "Fast rollouts"); the cache/threshold fields do not apply to it,
-    and its confidences exclude the mask token (``renormalized`` only)."""
-
-    alg: DreamAlg = DreamAlg.entropy
-    alg_temp: float = 0.0
-    top_p: float | None = 0.95
-    top_k: int | None = None
-    eps: float = 1e-3
-    confidence: SamplerConfidence = SamplerConfidence.renormalized
 
 
 @dataclass
@@ -571,8 +511,6 @@ def register_configs() -> None:
         ("base_sanity", SanityTaskCfg),
         ("base_gsm8k", GSM8KTaskCfg),
         ("base_math500", Math500TaskCfg),
-        ("base_sampler", SamplerCfg),
-        ("base_dream_sampler", DreamSamplerCfg),
         ("base_cluster", ClusterCfg),
         ("base_deepspeed", DeepSpeedCfg),
         ("base_logging", LoggingCfg),
@@ -651,44 +589,11 @@ def validate(cfg: Any) -> None:
     s, r, t, o = cfg["sampler"], cfg["rollout"], cfg["train"], cfg["objective"]
     world = world_size(cfg["cluster"])
 
-    need(s["gen_length"] > 0, f"sampler.gen_length={s['gen_length']} must be positive")
-    need(s["block_length"] > 0, f"sampler.block_length={s['block_length']} must be positive")
-    if s["gen_length"] > 0 and s["block_length"] > 0:
-        need(
-            s["gen_length"] % s["block_length"] == 0,
-            f"sampler.gen_length={s['gen_length']} must be divisible by sampler.block_length={s['block_length']}",
-        )
-        blocks = max(1, s["gen_length"] // s["block_length"])
-        need(
-            s["steps"] > 0 and s["steps"] % blocks == 0,
-            f"sampler.steps={s['steps']} must be a positive multiple of the number of blocks "
-            f"(sampler.gen_length/sampler.block_length = {blocks})",
-        )
-        need(
-            s["steps"] <= s["gen_length"],
-            f"sampler.steps={s['steps']} exceeds sampler.gen_length={s['gen_length']}: "
-            "every step must commit at least one token",
-        )
-    need(s["temperature"] >= 0, f"sampler.temperature={s['temperature']} must be >= 0")
-    if s["name"] == "dream":
-        need(
-            s.get("cache", "none") in ("none", SamplerCache.none) and s.get("threshold") is None,
-            "sampler.cache / sampler.threshold: the dream sampler runs without a cache or threshold "
-            "(use sampler=low_confidence with sampler.remasking=entropy for those)",
-        )
-        need(
-            s.get("confidence", "renormalized") in ("renormalized", SamplerConfidence.renormalized),
-            "sampler.confidence=full: the dream sampler measures confidence with the mask token excluded "
-            "(renormalized) only "
-            "(sampler=low_confidence with sampler.remasking=entropy offers full)",
-        )
-        if s.get("top_p") is not None:
-            need(0 < s["top_p"] <= 1, f"sampler.top_p={s['top_p']} must be in (0, 1] (null: no nucleus filter)")
-        need(0 < s.get("eps", 1e-3) < 1, f"sampler.eps={s.get('eps')} must be in (0, 1)")
-    if s.get("threshold") is not None:
-        need(0 < s["threshold"] <= 1, f"sampler.threshold={s['threshold']} must be in (0, 1] (null: fixed schedule)")
-    if s.get("max_tokens_per_step") is not None:
-        need(s["max_tokens_per_step"] >= 1, f"sampler.max_tokens_per_step={s['max_tokens_per_step']} must be >= 1")
+    sampler_schema = SCHEMAS["sampler"].get(s["name"])
+    if sampler_schema is None:
+        need(False, f"sampler.name={s['name']!r} is unknown; available: {', '.join(sorted(SCHEMAS['sampler']))}")
+    else:
+        sampler_schema.check(s, need)
 
     group, q = r["samples_per_prompt"], r["prompts_per_step"]
     need(group >= 2, f"rollout.samples_per_prompt={group} must be >= 2 (advantages are group-relative)")

@@ -17,6 +17,7 @@ import dllm_rl  # noqa: F401  (ConfigStore registration)
 from dllm_rl.config import SCHEMAS, ObjectiveCfg, apply_round_budget, check_writable, validate
 from dllm_rl.errors import ConfigError
 from dllm_rl.objectives import OBJECTIVES
+from dllm_rl.samplers import SAMPLERS
 
 CONF_DIR = Path(dllm_rl.__file__).parent / "conf"
 
@@ -122,6 +123,22 @@ def test_each_objective_owns_its_schema_and_its_rules():
             validate(form)
     # diffu_grpo's epsilon is a clip range with its own rule: the rule follows the schema, not the key
     validate(_compose("objective=diffu_grpo", "objective.epsilon=2"))
+
+
+def test_each_sampler_owns_its_schema_and_its_rules():
+    assert set(SCHEMAS["sampler"]) == set(SAMPLERS)
+    for option, name in (("low_confidence", "low_confidence"), ("threshold", "low_confidence"), ("entropy", "dream")):
+        sampler = _compose(f"sampler={option}").sampler
+        assert sampler.name == name and OmegaConf.get_type(sampler) is SCHEMAS["sampler"][name]
+        assert SCHEMAS["sampler"][name].__module__ == SAMPLERS[name].__module__
+    cfg = _compose("sampler=entropy", "sampler.eps=1.5")
+    for form in (cfg, OmegaConf.to_container(cfg, resolve=True)):
+        with pytest.raises(ConfigError, match=r"sampler\.eps=1\.5 must be in \(0, 1\)"):
+            validate(form)
+    plain = OmegaConf.to_container(_compose(), resolve=True)
+    plain["sampler"]["name"] = "nonesuch"
+    with pytest.raises(ConfigError, match="sampler.name='nonesuch' is unknown; available: dream, low_confidence"):
+        validate(plain)
 
 
 def test_spg_paper_settings_per_task_and_mask_schedules_are_selectable():

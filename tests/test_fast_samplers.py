@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dllm_rl.models.kv_cache import WindowKVCache
+from dllm_rl.kv_cache import WindowKVCache
 from dllm_rl.models.policy import Policy, build_tiny
 from dllm_rl.positions import position_ids_from_attention_mask
 from dllm_rl.samplers.dream import DreamSampler, filter_logits, reveal_counts

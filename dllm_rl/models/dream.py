@@ -207,7 +207,7 @@ class DreamModel(PreTrainedModel):
         attention_mask: [B, T], 1 = real token, 0 = padding (padding keys are never attended to).
         position_ids: [B, T]; with left padding pass positions counted over real tokens
         (``dllm_rl.positions.position_ids_from_attention_mask``); default 0..T-1.
-        kv_cache: a WindowKVCache (dllm_rl/models/kv_cache.py): a full forward fills it; with its window set,
+        kv_cache: a WindowKVCache (dllm_rl/kv_cache.py): a full forward fills it; with its window set,
         input_ids and position_ids are the window's and attention_mask still covers the whole sequence.
         Extra kwargs (from PEFT or HF wrappers: return_dict, use_cache, labels, ...) are accepted and ignored.
         """

@@ -234,7 +234,7 @@ def bidirectional_attention_mask(
     leaking into gradients via 0 * NaN), so such rows attend everywhere instead: their outputs are
     meaningless but finite, and callers ignore them. A 4D mask is passed through unchanged.
 
-    Under a windowed ``kv_cache`` forward (dllm_rl/models/kv_cache.py) the queries are the window's
+    Under a windowed ``kv_cache`` forward (dllm_rl/kv_cache.py) the queries are the window's
     positions and the keys are every position: the padding mask covers the keys, and a stand-in of the
     keys' length tells transformers the key count (it reads only the shape of ``encoder_hidden_states``).
     """
@@ -438,7 +438,7 @@ class LLaDAModelLM(PreTrainedModel):
         attention_mask: [B, T], 1 = real token, 0 = padding (padding keys are never attended to).
         position_ids: [B, T]; with left padding pass positions counted over real tokens
         (``dllm_rl.positions.position_ids_from_attention_mask``); default 0..T-1.
-        kv_cache: a WindowKVCache (dllm_rl/models/kv_cache.py): a full forward fills it; with its window set,
+        kv_cache: a WindowKVCache (dllm_rl/kv_cache.py): a full forward fills it; with its window set,
         input_ids and position_ids are the window's and attention_mask still covers the whole sequence.
         Extra kwargs (from PEFT or HF wrappers: return_dict, use_cache, labels, ...) are accepted and ignored.
         """

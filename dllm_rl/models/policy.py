@@ -21,10 +21,10 @@ import torch
 from transformers import AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from dllm_rl.errors import ConfigError
+from dllm_rl.kv_cache import WindowKVCache, windowed_logits
 from dllm_rl.models import loading
 from dllm_rl.models.char_tokenizer import build_char_tokenizer
 from dllm_rl.models.families import Family, family_of_model_type, get_family
-from dllm_rl.models.kv_cache import WindowKVCache, windowed_logits
 from dllm_rl.positions import position_ids_from_attention_mask
 
 
@@ -57,7 +57,7 @@ class Policy:
     ) -> torch.Tensor:
         """[B, T, V] logits, position i predicting token i (the family's alignment applied once, here).
 
-        With a ``kv_cache`` (dllm_rl/models/kv_cache.py) and no ``window`` the full forward also fills the
+        With a ``kv_cache`` (dllm_rl/kv_cache.py) and no ``window`` the full forward also fills the
         cache; with ``window=(start, end)`` only those positions of ``input_ids`` are run against the cached
         keys/values of the others, and the result is their [B, end - start, V] logits.
         """

@@ -18,8 +18,8 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 
+from dllm_rl.kv_cache import WindowKVCache, key_padding_mask
 from dllm_rl.models.auto import register_architecture
-from dllm_rl.models.kv_cache import WindowKVCache, key_padding_mask
 from dllm_rl.positions import position_ids_from_attention_mask  # noqa: F401  (re-exported)
 
 MODEL_TYPE = "dllm_rl_tiny"
@@ -252,7 +252,7 @@ class TinyMDLM(PreTrainedModel):
 
         attention_mask: [B, T], 1 = real token, 0 = padding (padding keys are never attended to).
         position_ids: [B, T]; with left padding pass `position_ids_from_attention_mask(attention_mask)`.
-        kv_cache: a WindowKVCache (dllm_rl/models/kv_cache.py): a full forward fills it; with its window set,
+        kv_cache: a WindowKVCache (dllm_rl/kv_cache.py): a full forward fills it; with its window set,
         input_ids and position_ids are the window's and attention_mask still covers the whole sequence.
         Extra kwargs (e.g. from PEFT or HF wrappers) are accepted and ignored.
         """

@@ -24,10 +24,62 @@ Dream's shifted outputs are already aligned by ``Policy.logits``.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
 
-from dllm_rl.samplers.low_confidence import GenerationOutput, LogitsFn, initial_canvas
+from dllm_rl.lazy import lazy_import, no_grad
+from dllm_rl.samplers.low_confidence import (
+    GenerationOutput,
+    LogitsFn,
+    SamplerCache,
+    SamplerCfg,
+    SamplerConfidence,
+    initial_canvas,
+)
 from dllm_rl.samplers.registry import register_sampler
+
+torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
+
+
+class DreamAlg(Enum):
+    origin = "origin"
+    maskgit_plus = "maskgit_plus"
+    topk_margin = "topk_margin"
+    entropy = "entropy"
+
+
+@dataclass
+class DreamSamplerCfg(SamplerCfg):
+    """Dream's time-grid sampler (docs/samplers.md); the cache/threshold fields do not apply to it, and its
+    confidences exclude the mask token (``renormalized`` only)."""
+
+    alg: DreamAlg = DreamAlg.entropy
+    alg_temp: float = 0.0
+    top_p: float | None = 0.95
+    top_k: int | None = None
+    eps: float = 1e-3
+    confidence: SamplerConfidence = SamplerConfidence.renormalized
+
+    @classmethod
+    def check(cls, s: Any, need: Callable[[bool, str], None]) -> None:
+        super().check(s, need)
+        need(
+            s.get("cache", "none") in ("none", SamplerCache.none) and s.get("threshold") is None,
+            "sampler.cache / sampler.threshold: the dream sampler runs without a cache or threshold "
+            "(use sampler=low_confidence with sampler.remasking=entropy for those)",
+        )
+        need(
+            s.get("confidence", "renormalized") in ("renormalized", SamplerConfidence.renormalized),
+            "sampler.confidence=full: the dream sampler measures confidence with the mask token excluded "
+            "(renormalized) only "
+            "(sampler=low_confidence with sampler.remasking=entropy offers full)",
+        )
+        if s.get("top_p") is not None:
+            need(0 < s["top_p"] <= 1, f"sampler.top_p={s['top_p']} must be in (0, 1] (null: no nucleus filter)")
+        need(0 < s.get("eps", 1e-3) < 1, f"sampler.eps={s.get('eps')} must be in (0, 1)")
+
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -58,7 +110,7 @@ def reveal_counts(masked: int, steps: int, eps: float) -> list[int]:
     return counts
 
 
-@register_sampler("dream")
+@register_sampler("dream", config=DreamSamplerCfg)
 class DreamSampler:
     """Dream's time-grid sampler; see the module docstring."""
 
@@ -96,7 +148,7 @@ class DreamSampler:
         self.top_p, self.top_k, self.eps = top_p, top_k, float(eps)
         self.noise_dtype = getattr(torch, getattr(noise_dtype, "value", noise_dtype))
 
-    @torch.no_grad()
+    @no_grad
     def generate(
         self,
         logits_fn: LogitsFn,

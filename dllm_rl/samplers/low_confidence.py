@@ -49,20 +49,100 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
 
-import torch
-import torch.distributed as dist
+from omegaconf import MISSING
 
-from dllm_rl.config import Remasking, SamplerCache, SamplerConfidence
-from dllm_rl.models.kv_cache import WindowKVCache
+from dllm_rl.kv_cache import WindowKVCache
+from dllm_rl.lazy import lazy_import, no_grad
 from dllm_rl.positions import position_ids_from_attention_mask
 from dllm_rl.samplers.registry import register_sampler
+
+torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 
 log = logging.getLogger(__name__)
 
 # logits_fn(input_ids, attention_mask, position_ids) -> [B, T, V]; cached samplers also pass
 # kv_cache= and window= (the signature of Policy.logits).
-LogitsFn = Callable[..., torch.Tensor]
+LogitsFn = Callable[..., "torch.Tensor"]
+
+
+class Remasking(Enum):
+    low_confidence = "low_confidence"
+    random = "random"
+    entropy = "entropy"
+    margin = "margin"
+
+
+class SamplerCache(Enum):
+    none = "none"
+    prefix = "prefix"
+    dual = "dual"
+
+
+class NoiseDtype(Enum):
+    float64 = "float64"
+    float32 = "float32"
+
+
+class SamplerConfidence(Enum):
+    """The distribution confidences are measured under (the module docstring)."""
+
+    full = "full"
+    renormalized = "renormalized"
+
+
+@dataclass
+class SamplerCfg:
+    """The ``sampler`` section of ``sampler=low_confidence`` (and of its ``threshold`` preset): L tokens in
+    blocks of B with T denoising steps, the rollout temperature, the remasking order, the Gumbel noise's
+    dtype, the KV cache, threshold decoding with its per-step cap, and the confidence's distribution."""
+
+    name: str = MISSING
+    gen_length: int = MISSING
+    block_length: int = MISSING
+    steps: int = MISSING
+    temperature: float = 1.0
+    remasking: Remasking = Remasking.low_confidence
+    noise_dtype: NoiseDtype = NoiseDtype.float64
+    cache: SamplerCache = SamplerCache.none
+    threshold: float | None = None
+    max_tokens_per_step: int | None = None
+    confidence: SamplerConfidence = SamplerConfidence.full
+
+    @classmethod
+    def check(cls, s: Any, need: Callable[[bool, str], None]) -> None:
+        """The section's rules: ``need(ok, message)`` for each (``s``: a DictConfig or a plain dict)."""
+        need(s["gen_length"] > 0, f"sampler.gen_length={s['gen_length']} must be positive")
+        need(s["block_length"] > 0, f"sampler.block_length={s['block_length']} must be positive")
+        if s["gen_length"] > 0 and s["block_length"] > 0:
+            need(
+                s["gen_length"] % s["block_length"] == 0,
+                f"sampler.gen_length={s['gen_length']} must be divisible by sampler.block_length={s['block_length']}",
+            )
+            blocks = max(1, s["gen_length"] // s["block_length"])
+            need(
+                s["steps"] > 0 and s["steps"] % blocks == 0,
+                f"sampler.steps={s['steps']} must be a positive multiple of the number of blocks "
+                f"(sampler.gen_length/sampler.block_length = {blocks})",
+            )
+            need(
+                s["steps"] <= s["gen_length"],
+                f"sampler.steps={s['steps']} exceeds sampler.gen_length={s['gen_length']}: "
+                "every step must commit at least one token",
+            )
+        need(s["temperature"] >= 0, f"sampler.temperature={s['temperature']} must be >= 0")
+        if s.get("threshold") is not None:
+            need(
+                0 < s["threshold"] <= 1, f"sampler.threshold={s['threshold']} must be in (0, 1] (null: fixed schedule)"
+            )
+        if s.get("max_tokens_per_step") is not None:
+            need(
+                s["max_tokens_per_step"] >= 1,
+                f"sampler.max_tokens_per_step={s['max_tokens_per_step']} must be >= 1",
+            )
+
 
 REMASKING = tuple(r.value for r in Remasking)
 CACHES = tuple(c.value for c in SamplerCache)
@@ -98,10 +178,11 @@ class GenerationOutput:
 
 
 def _rank_sync() -> bool:
+    dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-@register_sampler("low_confidence")
+@register_sampler("low_confidence", config=SamplerCfg)
 class LowConfidenceSampler:
     """Block-wise masked-diffusion decoding; see the module docstring."""
 
@@ -183,7 +264,7 @@ class LowConfidenceSampler:
         top2 = probs.topk(2, dim=-1).values
         return top2[..., 0] - top2[..., 1], p_proposal
 
-    @torch.no_grad()
+    @no_grad
     def generate(
         self,
         logits_fn: LogitsFn,
@@ -222,7 +303,7 @@ class LowConfidenceSampler:
                 if adaptive:
                     still = masked.any().to(torch.int32).reshape(1)
                     if sync:  # every rank keeps stepping (committing nothing) until all ranks are done
-                        dist.all_reduce(still, op=dist.ReduceOp.MAX)
+                        torch.distributed.all_reduce(still, op=torch.distributed.ReduceOp.MAX)
                     if not bool(still.item()):
                         break
                 elif j == steps_per_block:

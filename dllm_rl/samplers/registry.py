@@ -5,14 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from dllm_rl.config import register_schema
 from dllm_rl.errors import ConfigError
 
 SAMPLERS: dict[str, type] = {}
 
 
-def register_sampler(name: str) -> Callable[[type], type]:
+def register_sampler(name: str, config: type) -> Callable[[type], type]:
+    """Class decorator: ``sampler.name=<name>`` builds this class, and ``config`` (its dataclass schema, declared
+    beside it, with a ``check(s, need)`` classmethod) is the section's schema, stored for Hydra as
+    ``base_<name>``."""
+
     def wrap(cls: type) -> type:
         SAMPLERS[name] = cls
+        register_schema("sampler", name, config)
         return cls
 
     return wrap

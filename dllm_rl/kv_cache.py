@@ -24,7 +24,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
+from dllm_rl.lazy import lazy_import
+
+torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 
 
 class WindowKVCache:
