@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,7 +31,10 @@ from dllm_rl.cli_help import exit_with_help_if_asked
 from dllm_rl.config import check_keys, check_writable, model_errors, task_file_errors
 from dllm_rl.console import library_output_to, say, say_error
 from dllm_rl.errors import ConfigError, DllmRlError
+from dllm_rl.lazy import lazy_import
 
+# loads at the first tensor, so that --help and config errors answer first (dllm_rl/lazy.py)
+torch = lazy_import("torch")
 log = logging.getLogger("dllm_rl")
 
 

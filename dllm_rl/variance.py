@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -66,8 +65,10 @@ from dllm_rl.cli_help import exit_with_help_if_asked
 from dllm_rl.config import check_writable, validate
 from dllm_rl.console import say, say_error
 from dllm_rl.errors import ConfigError, DllmRlError
-from dllm_rl.experiments.pages import write_section
+from dllm_rl.lazy import lazy_import
 
+# loads at the first tensor, so that --help and config errors answer first (dllm_rl/lazy.py)
+torch = lazy_import("torch")
 log = logging.getLogger("dllm_rl")
 
 GROUPS = ("embeddings", "attention", "mlp", "norms", "output_head", "other")
@@ -566,6 +567,8 @@ def report_main(argv: list[str]) -> int:
     text = render(results, "plots/variance.png")
     (args.root / "variance_report.md").write_text("# Gradient noise\n\n" + text)
     if args.page is not None:
+        from dllm_rl.experiments.pages import write_section  # (its checkpoint helpers import transformers)
+
         image = args.page.parent / "results" / "variance.png"
         plot(image, results)
         write_section(args.page, PAGE_SECTION, PAGE_COMMAND, render(results, "results/variance.png"))
