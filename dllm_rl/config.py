@@ -161,8 +161,8 @@ class ObjectiveCfg:
     @classmethod
     def check(cls, o: Any, sampler: Any, need: Callable[[bool, str], None]) -> None:
         """The section's rules: ``need(ok, message)`` for each; ``o`` is the composed ``objective`` node (a
-        DictConfig or a plain dict) and ``sampler`` the ``sampler`` one. A schema that adds rules calls
-        ``super().check`` first."""
+        DictConfig or a plain dict) and ``sampler`` the ``sampler`` one. A schema that adds rules also
+        calls ``super().check``."""
         mu = o["inner_iterations"]
         need(mu >= 1, f"objective.inner_iterations={mu} must be >= 1")
         need(o["forward_chunk"] >= 0, f"objective.forward_chunk={o['forward_chunk']} must be >= 0 (0 = one forward)")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from dllm_rl.config import ObjectiveCfg, register_schema
+from dllm_rl.config import ObjectiveCfg, option, register_schema
 from dllm_rl.errors import ConfigError
 from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.bounds import masked_logp
@@ -241,6 +241,19 @@ def finite_or_zero(values: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Per-sequence surrogates with NaN/inf entries replaced by 0, and how many there were (the non-finite guard)."""
     finite = torch.isfinite(values)
     return torch.where(finite, values, torch.zeros_like(values)), int((~finite).sum())
+
+
+@dataclass
+class OneStepCfg(ObjectiveCfg):
+    """Base schema of the objectives scored by the one-step estimator (the whole completion masked once)."""
+
+    @classmethod
+    def check(cls, o: Any, sampler: Any, need: Callable[[bool, str], None]) -> None:
+        super().check(o, sampler, need)
+        need(
+            option(o["mask"], "kind") == "full",
+            f"objective={o['name']} uses the one-step estimator: mask.kind=full",
+        )
 
 
 class LossNorm(Enum):

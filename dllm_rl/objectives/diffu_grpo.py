@@ -20,12 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dllm_rl.config import ObjectiveCfg, option
+from dllm_rl.config import option
 from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.masks import concat_draws
 from dllm_rl.objectives.base import (
     LossNorm,
     Objective,
+    OneStepCfg,
     RolloutBatch,
     finite_or_zero,
     register_objective,
@@ -36,7 +37,7 @@ torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 
 
 @dataclass
-class DiffuGRPOCfg(ObjectiveCfg):
+class DiffuGRPOCfg(OneStepCfg):
     """``objective=diffu_grpo``: the clip ε, the KL coefficient β and the loss normalisation."""
 
     name: str = "diffu_grpo"
@@ -47,7 +48,6 @@ class DiffuGRPOCfg(ObjectiveCfg):
     @classmethod
     def check(cls, o: Any, sampler: Any, need: Callable[[bool, str], None]) -> None:
         super().check(o, sampler, need)
-        need(option(o["mask"], "kind") == "full", "objective=diffu_grpo uses the one-step estimator: mask.kind=full")
         need(o["epsilon"] > 0, f"objective.epsilon={o['epsilon']} must be > 0")
         need(o["beta"] >= 0, f"objective.beta={o['beta']} must be >= 0")
 

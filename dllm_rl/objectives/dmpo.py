@@ -141,7 +141,7 @@ class DMPOCfg(ObjectiveCfg):
         need(0.0 < o["ess_target"] <= 1.0, f"objective.ess_target={o['ess_target']} must be in (0, 1]")
         if option(o, "loss") == "wddo":
             copies = o["mc_samples"]
-            need(copies is not None and copies >= 2 and copies % 2 == 0, "objective.loss=wddo needs an even mc_samples")
+            need(copies >= 2 and copies % 2 == 0, "objective.loss=wddo needs an even mc_samples")
 
 
 @register_objective("dmpo", config=DMPOCfg)

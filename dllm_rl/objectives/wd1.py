@@ -13,14 +13,13 @@ log-probs; a group with equal rewards has w⁺ = w⁻ and contributes exactly ze
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from dllm_rl.config import ObjectiveCfg, option
+from dllm_rl.config import option
 from dllm_rl.lazy import lazy_import
-from dllm_rl.objectives.base import Objective, RolloutBatch, finite_or_zero, register_objective
+from dllm_rl.objectives.base import Objective, OneStepCfg, RolloutBatch, finite_or_zero, register_objective
 
 torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 
@@ -31,17 +30,12 @@ class WD1Variant(Enum):
 
 
 @dataclass
-class WD1Cfg(ObjectiveCfg):
+class WD1Cfg(OneStepCfg):
     """``objective=wd1``: the weights' temperature ψ and which weights the loss uses."""
 
     name: str = "wd1"
     psi: float = 1.0
     variant: WD1Variant = WD1Variant.both
-
-    @classmethod
-    def check(cls, o: Any, sampler: Any, need: Callable[[bool, str], None]) -> None:
-        super().check(o, sampler, need)
-        need(option(o["mask"], "kind") == "full", "objective=wd1 uses the one-step estimator: mask.kind=full")
 
 
 @register_objective("wd1", config=WD1Cfg)

@@ -81,7 +81,7 @@ class DreamSamplerCfg(SamplerCfg):
         need(0 < s.get("eps", 1e-3) < 1, f"sampler.eps={s.get('eps')} must be in (0, 1)")
 
 
-ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+ALGS = tuple(a.value for a in DreamAlg)
 
 
 def filter_logits(logits: torch.Tensor, top_p: float | None, top_k: int | None) -> torch.Tensor:
