@@ -10,9 +10,11 @@ from dllm_rl.config import register_configs
 
 register_configs()
 
-# The objectives and samplers register their own schemas (@register_objective / @register_sampler with
-# config=...); their modules name torch lazily (dllm_rl/lazy.py), so this loads no torch.
+# The objectives, samplers and tasks register their own schemas (@register_objective / @register_sampler /
+# @register_task with config=...); their modules name torch, datasets and numpy lazily (dllm_rl/lazy.py),
+# so this loads none of them.
 import dllm_rl.objectives  # noqa: E402, F401
 import dllm_rl.samplers  # noqa: E402, F401
+import dllm_rl.tasks  # noqa: E402, F401
 
 __version__ = "0.1.0"

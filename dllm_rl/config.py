@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -183,7 +183,7 @@ class ObjectiveCfg:
 
 # Component schemas by config group and name, filled by the components' registry decorators
 # (register_schema); config.validate checks each section with the schema its name selects.
-SCHEMAS: dict[str, dict[str, type]] = {"objective": {}, "sampler": {}}
+SCHEMAS: dict[str, dict[str, type]] = {"objective": {}, "sampler": {}, "task": {}}
 
 
 def register_schema(group: str, name: str, schema: type) -> None:
@@ -193,8 +193,18 @@ def register_schema(group: str, name: str, schema: type) -> None:
     SCHEMAS[group][name] = schema
 
 
+PROMPT_OVERFLOW = ("drop", "error", "left_truncate")
+ON_BAD_REWARD = ("error", "zero")
+
+
 @dataclass
 class TaskCfg:
+    """What every task takes (the ``task`` section); each task declares its own schema, a subclass of this
+    one, beside its code and registers it with ``@register_task(name, config=...)`` (dllm_rl/tasks/base.py)."""
+
+    # the prompt styles the task can write (compact: literal model input; chat: a user message)
+    prompt_styles: ClassVar[tuple[str, ...]] = ("compact", "chat")
+
     name: str = MISSING
     # rollout decoding: L tokens, B per block, T denoising steps (the sampler group reads these)
     completion_length: int = MISSING
@@ -217,115 +227,32 @@ class TaskCfg:
     # supervised steps the embedded tiny model gets on this task (warmstart.steps follows it)
     warmstart_steps: int = 100
 
-
-@dataclass
-class SudokuTaskCfg(TaskCfg):
-    name: str = "sudoku"
-    completion_length: int = 16
-    block_length: int = 16
-    diffusion_steps: int = 8
-    split: str = "leak_free"
-    train_grids: int = 200
-    train_size: int = 20000
-    test_size: int = 256
-    blanks_min: int = 6
-    blanks_max: int = 10
-    test_blanks: int = 8
-    require_unique: bool = False
-    credit_alternative_solutions: bool = True
-    few_shot: int = 3
-    train_file: str | None = None
-    validation_file: str | None = None
-    test_file: str | None = None
-
-
-@dataclass
-class CountdownTaskCfg(TaskCfg):
-    name: str = "countdown"
-    warmstart_steps: int = 400
-    completion_length: int = 16
-    block_length: int = 16
-    diffusion_steps: int = 8
-    validation_size: int = 500
-    train_size: int = 20000
-    test_size: int = 256
-    number_min: int = 1
-    number_max: int = 100
-    target_min: int = 1
-    target_max: int = 100
-    # share of instances that are additive / need * / need / (README, "Tasks")
-    class_mix: list[float] = field(default_factory=lambda: [0.895, 0.039, 0.066])
-    reward_mode: str = "fixed"
-    train_hub_id: str | None = None
-    train_hub_config: str | None = None
-    train_hub_split: str = "train"
-    train_file: str | None = None
-    validation_file: str | None = None
-    test_file: str | None = None
-
-
-@dataclass
-class SanityTaskCfg(TaskCfg):
-    """k digits in, k digits out by a fixed per-position rule (dllm_rl/tasks/sanity.py)."""
-
-    name: str = "sanity"
-    completion_length: int = 5
-    block_length: int = 5
-    diffusion_steps: int = 5
-    validation_size: int = 64
-    warmstart_steps: int = 300
-    rule: str = "succ"
-    radix: int = 4
-    length_min: int = 5
-    length_max: int = 5
-    warmstart_rule: str = "copy"
-    warmstart_noise: float = 0.6
-    train_size: int = 384
-    test_size: int = 64
-
-
-@dataclass
-class HubTaskCfg(TaskCfg):
-    """A task whose data comes from the hub or from local files (GSM8K, MATH500)."""
-
-    completion_length: int = 256
-    block_length: int = 32
-    diffusion_steps: int = 128
-    prompt_style: str = "chat"
-    reward_mode: str = "fixed"
-    train_hub_id: str | None = None
-    train_hub_config: str | None = None
-    train_hub_split: str = "train"
-    test_hub_id: str | None = None
-    test_hub_config: str | None = None
-    test_hub_split: str = "test"
-    train_file: str | None = None
-    validation_file: str | None = None
-    test_file: str | None = None
-
-
-@dataclass
-class GSM8KTaskCfg(HubTaskCfg):
-    name: str = "gsm8k"
-    train_hub_id: str | None = "openai/gsm8k"
-    train_hub_config: str | None = "main"
-    test_hub_id: str | None = "openai/gsm8k"
-    test_hub_config: str | None = "main"
-    # xml: the five-function d1 reward; boxed: GDSD's single exact-match reward (README, "Tasks")
-    variant: str = "xml"
-
-
-@dataclass
-class Math500TaskCfg(HubTaskCfg):
-    name: str = "math500"
-    train_hub_id: str | None = "ankner/math-500"
-    test_hub_id: str | None = "HuggingFaceH4/MATH-500"
-    # hendrycks: normalised string match (d1); math_verify: symbolic equivalence (GDSD)
-    verifier: str = "hendrycks"
-    # seconds math-verify may spend on one comparison
-    verify_timeout: float = 5.0
-    # where the prediction's \boxed{} is taken from: anywhere (d1) | answer_tags (GDSD math_xml)
-    math_pred_region: str = "anywhere"
+    @classmethod
+    def check(cls, t: Any, need: Callable[[bool, str], None]) -> None:
+        """The section's rules: ``need(ok, message)`` for each; ``t`` is the ``task`` node (a DictConfig or a
+        plain dict, keys absent from it taking the schema's defaults). A schema that adds rules also calls
+        ``super().check``."""
+        need(
+            t.get("on_prompt_overflow", "drop") in PROMPT_OVERFLOW,
+            f"task.on_prompt_overflow={t.get('on_prompt_overflow')!r} must be drop, error or left_truncate",
+        )
+        need(
+            t.get("on_bad_reward", "error") in ON_BAD_REWARD,
+            f"task.on_bad_reward={t.get('on_bad_reward')!r} must be error or zero",
+        )
+        cap = t.get("max_prompt_tokens")
+        need(cap is None or cap >= 1, f"task.max_prompt_tokens={cap} must be >= 1 (or null: no cap)")
+        style = t.get("prompt_style", cls.prompt_style)
+        need(
+            style in cls.prompt_styles,
+            f"task.prompt_style={style!r}: task {t.get('name', cls.name)} has {', '.join(cls.prompt_styles)}",
+        )
+        subset = t.get("eval_subset_size")
+        need(subset is None or subset >= 1, f"task.eval_subset_size={subset} must be >= 1 (or null: all)")
+        for split in ("train", "validation", "test"):
+            size = t.get(f"{split}_size")
+            if size is not None and t.get(f"{split}_file") is None:
+                need(size >= 1, f"task.{split}_size={size} must be >= 1 (the {split} split would be empty)")
 
 
 @dataclass
@@ -506,11 +433,6 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     for name, node in [
         ("base_model", ModelCfg),
-        ("base_sudoku", SudokuTaskCfg),
-        ("base_countdown", CountdownTaskCfg),
-        ("base_sanity", SanityTaskCfg),
-        ("base_gsm8k", GSM8KTaskCfg),
-        ("base_math500", Math500TaskCfg),
         ("base_cluster", ClusterCfg),
         ("base_deepspeed", DeepSpeedCfg),
         ("base_logging", LoggingCfg),
@@ -624,16 +546,11 @@ def validate(cfg: Any) -> None:
         ("cluster.mem_gb", cfg["cluster"]["mem_gb"], 1, "the partition's default"),
         ("cluster.signal_delay_s", cfg["cluster"]["signal_delay_s"], 0, None),
         ("cluster.max_requeues", cfg["cluster"]["max_requeues"], 0, None),
-        ("task.eval_subset_size", cfg["task"].get("eval_subset_size"), 1, "all"),
     ):
         if value is not None:
             need(value >= low, f"{where}={value} must be >= {low}" + (f" (or null: {null})" if null else ""))
     ratio = cfg["optim"]["min_lr_ratio"]
     need(0.0 <= ratio <= 1.0, f"optim.min_lr_ratio={ratio} must be in [0, 1] (the final lr as a fraction of optim.lr)")
-    for split in ("train", "validation", "test"):
-        size = cfg["task"].get(f"{split}_size")
-        if size is not None and cfg["task"].get(f"{split}_file") is None:
-            need(size >= 1, f"task.{split}_size={size} must be >= 1 (the {split} split would be empty)")
     if micro >= 1:
         need(
             completions % (world * micro) == 0,
@@ -678,20 +595,11 @@ def validate(cfg: Any) -> None:
         f"eval.splits={splits} must list validation and/or test, each once",
     )
     tcfg = cfg["task"]
-    need(
-        tcfg.get("on_prompt_overflow", "drop") in ("drop", "error", "left_truncate"),
-        f"task.on_prompt_overflow={tcfg.get('on_prompt_overflow')!r} must be drop, error or left_truncate",
-    )
-    need(
-        tcfg.get("on_bad_reward", "error") in ("error", "zero"),
-        f"task.on_bad_reward={tcfg.get('on_bad_reward')!r} must be error or zero",
-    )
-    cap = tcfg.get("max_prompt_tokens")
-    need(cap is None or cap >= 1, f"task.max_prompt_tokens={cap} must be >= 1 (or null: no cap)")
-    need(
-        tcfg.get("prompt_style", "compact") in ("compact", "chat"),
-        f"task.prompt_style={tcfg.get('prompt_style')!r} must be compact or chat",
-    )
+    task_schema = SCHEMAS["task"].get(tcfg["name"])
+    if task_schema is None:
+        need(False, f"task.name={tcfg['name']!r} is unknown; available: {', '.join(sorted(SCHEMAS['task']))}")
+    else:
+        task_schema.check(tcfg, need)
     need(
         not cfg["eval"]["marginals"] or tcfg.get("prompt_style", "compact") == "compact",
         "eval.marginals=true needs task.prompt_style=compact (a chat answer has no fixed position)",

@@ -18,6 +18,7 @@ from dllm_rl.config import SCHEMAS, ObjectiveCfg, apply_round_budget, check_writ
 from dllm_rl.errors import ConfigError
 from dllm_rl.objectives import OBJECTIVES
 from dllm_rl.samplers import SAMPLERS
+from dllm_rl.tasks import TASKS, get_task
 
 CONF_DIR = Path(dllm_rl.__file__).parent / "conf"
 
@@ -138,6 +139,29 @@ def test_each_sampler_owns_its_schema_and_its_rules():
     plain = OmegaConf.to_container(_compose(), resolve=True)
     plain["sampler"]["name"] = "nonesuch"
     with pytest.raises(ConfigError, match="sampler.name='nonesuch' is unknown; available: dream, low_confidence"):
+        validate(plain)
+
+
+def test_each_task_owns_its_schema_and_its_rules(tmp_path):
+    assert set(SCHEMAS["task"]) == set(TASKS)
+    for name in TASKS:
+        task = _compose(f"task={name}").task
+        assert task.name == name and OmegaConf.get_type(task) is SCHEMAS["task"][name]
+        assert SCHEMAS["task"][name].__module__ == TASKS[name].__module__
+        assert TASKS[name].prompt_styles == SCHEMAS["task"][name].prompt_styles  # one declaration
+    # A task's own rule fails in validation, before any process or data exists, in both config forms.
+    cfg = _compose("task.few_shot=2")
+    for form in (cfg, OmegaConf.to_container(cfg, resolve=True)):
+        with pytest.raises(ConfigError, match=r"task\.few_shot=2 must be 0 .* or 3"):
+            validate(form)
+    # The same rule, and the same message, when a task is built without a validated config.
+    with pytest.raises(ConfigError, match=r"task\.few_shot=2 must be 0 .* or 3"):
+        get_task("sudoku", {"few_shot": "2"}, tmp_path)
+    with pytest.raises(ConfigError, match=r"task\.prompt_style='compact': task gsm8k has chat"):
+        validate(_compose("task=gsm8k", "task.prompt_style=compact"))
+    plain = OmegaConf.to_container(_compose(), resolve=True)
+    plain["task"]["name"] = "nonesuch"
+    with pytest.raises(ConfigError, match="task.name='nonesuch' is unknown; available: countdown, gsm8k, math500"):
         validate(plain)
 
 

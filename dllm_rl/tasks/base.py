@@ -24,16 +24,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
-import numpy as np
-
+from dllm_rl.config import ON_BAD_REWARD, TaskCfg, register_schema
 from dllm_rl.errors import ConfigError, DllmRlError
+from dllm_rl.lazy import lazy_import
 from dllm_rl.tasks.rewards import RewardFn, as_reward, describe, resolve_reward, reward_parts
+
+# Loaded on first use (dllm_rl/lazy.py): composing a config imports every task for its schema.
+datasets = lazy_import("datasets")
+np = lazy_import("numpy")
 
 log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
-PROMPT_STYLES: tuple[str, ...] = ("compact", "chat")
 # Appended after the chat template's generation prompt at evaluation (the papers' evaluation prefill).
 EVAL_PREFILL = "<reasoning>"
 # The training family's format block shared by GSM8K, MATH500 and Countdown (docs/tasks.md, "Common
@@ -41,8 +43,6 @@ EVAL_PREFILL = "<reasoning>"
 SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
 # Characters of chat-style prompts a character-level tokenizer must know: printable ASCII and newline.
 CHAT_ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\n"
-# task.on_bad_reward: what a reward value that is not a finite number does (README, "Tasks")
-ON_BAD_REWARD: tuple[str, ...] = ("error", "zero")
 
 
 class DataError(DllmRlError, ValueError):
@@ -55,7 +55,7 @@ class Task(abc.ABC):
     name: str = ""
     alphabet: str = ""  # every character a prompt or completion can contain (for char-level tokenizers)
     primary_metric: str = ""  # key of metrics() used as "the" metric
-    prompt_styles: tuple[str, ...] = PROMPT_STYLES  # the styles this task can write
+    prompt_styles: tuple[str, ...] = TaskCfg.prompt_styles  # the styles it can write: its schema's (register_task)
 
     def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path) -> None:
         # Copy so later mutation of the caller's config cannot change this task's behaviour.
@@ -190,8 +190,13 @@ def total_reward(parts: Mapping[str, float]) -> float:
 TASKS: dict[str, type[Task]] = {}
 
 
-def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
-    """Class decorator adding a Task subclass to TASKS under `name` (and setting its `name`)."""
+def register_task(name: str, config: type[TaskCfg] | None = None) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator adding a Task subclass to TASKS under `name` (and setting its `name`).
+
+    ``config`` is the task's schema, a subclass of TaskCfg declared beside it: it is stored for Hydra as
+    ``base_<name>`` (the task's YAML names it first in its defaults list) and its ``check`` runs in
+    config validation, before any process or model exists.
+    """
 
     def decorator(cls: type[Task]) -> type[Task]:
         existing = TASKS.get(name)
@@ -201,9 +206,21 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
             raise ValueError(f"task {name!r} already registered by {existing.__qualname__}")
         cls.name = name
         TASKS[name] = cls
+        if config is not None:
+            cls.prompt_styles = config.prompt_styles
+            register_schema("task", name, config)
         return cls
 
     return decorator
+
+
+def check_values(schema: type[TaskCfg], values: Mapping[str, Any]) -> None:
+    """Run a task schema's rules on ``values`` (a task's typed options; absent keys take the defaults) and
+    raise one ConfigError with every message, for a task built without a validated config."""
+    errors: list[str] = []
+    schema.check(values, lambda ok, message: ok or errors.append(message))
+    if errors:
+        raise ConfigError("; ".join(errors))
 
 
 def get_task(name: str, cfg: Mapping[str, Any], cache_dir: str | Path) -> Task:

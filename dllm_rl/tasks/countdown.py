@@ -41,12 +41,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-import datasets
-import numpy as np
-import pyarrow as pa
-
-from dllm_rl.config import CountdownTaskCfg
+from dllm_rl.config import TaskCfg
 from dllm_rl.errors import ConfigError
+from dllm_rl.lazy import lazy_import
 from dllm_rl.tasks.arith import (
     MAX_LITERAL_DIGITS,
     digit_runs,
@@ -62,6 +59,7 @@ from dllm_rl.tasks.base import (
     carve_validation,
     check_rows,
     check_split,
+    check_values,
     load_hub,
     read_local,
     register_task,
@@ -75,8 +73,12 @@ from dllm_rl.tasks.rewards import (
     register_reward,
 )
 
+datasets = lazy_import("datasets")  # loads on first use (dllm_rl/lazy.py)
+np = lazy_import("numpy")
+pa = lazy_import("pyarrow")
+
 log = logging.getLogger(__name__)
-DataT = TypeVar("DataT", datasets.Dataset, datasets.DatasetDict)
+DataT = TypeVar("DataT", "datasets.Dataset", "datasets.DatasetDict")
 
 N_NUMBERS = 3
 # Numbers and targets must be writable as literals the strict grammar accepts.
@@ -464,7 +466,69 @@ _GENERATOR_FIELDS = (
 )
 
 
-# The schema's defaults (dllm_rl/config.py CountdownTaskCfg, the one place they are written).
+@dataclasses.dataclass
+class CountdownTaskCfg(TaskCfg):
+    """``task=countdown``: the generator's, the data sources' and the reward's options
+    (conf/task/countdown.yaml comments each)."""
+
+    name: str = "countdown"
+    warmstart_steps: int = 400
+    completion_length: int = 16
+    block_length: int = 16
+    diffusion_steps: int = 8
+    validation_size: int = 500
+    train_size: int = 20000
+    test_size: int = 256
+    number_min: int = 1
+    number_max: int = 100
+    target_min: int = 1
+    target_max: int = 100
+    # share of instances that are additive / need * / need / (docs/tasks.md, "Countdown")
+    class_mix: list[float] = dataclasses.field(default_factory=lambda: [0.895, 0.039, 0.066])
+    reward_mode: str = "fixed"
+    train_hub_id: str | None = None
+    train_hub_config: str | None = None
+    train_hub_split: str = "train"
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+
+    @classmethod
+    def check(cls, t: Any, need: Callable[[bool, str], None]) -> None:
+        super().check(t, need)
+        mode = t.get("reward_mode", cls.reward_mode)
+        need(mode in REWARD_MODES, f"task.reward_mode={mode!r} must be one of: {', '.join(REWARD_MODES)}")
+        low, high = t.get("number_min", cls.number_min), t.get("number_max", cls.number_max)
+        need(
+            0 <= low <= high <= MAX_VALUE,
+            f"task.number_min={low}, task.number_max={high}: "
+            f"need 0 <= number_min <= number_max <= {MAX_VALUE} (no unary minus, so no negative numbers)",
+        )
+        low, high = t.get("target_min", cls.target_min), t.get("target_max", cls.target_max)
+        need(
+            -MAX_VALUE <= low <= high <= MAX_VALUE,
+            f"task.target_min={low}, task.target_max={high}: "
+            f"need -{MAX_VALUE} <= target_min <= target_max <= {MAX_VALUE}",
+        )
+        mix = [float(w) for w in t.get("class_mix", cls().class_mix)]
+        need(
+            len(mix) == len(CATEGORIES) and all(math.isfinite(w) and w >= 0 for w in mix) and sum(mix) > 0,
+            f"task.class_mix={mix} must be {len(CATEGORIES)} non-negative shares "
+            "(additive, needs *, needs /) with a positive sum",
+        )
+        sizes = [t.get(f"{s}_size", getattr(cls, f"{s}_size")) for s in SPLITS]
+        need(t.get("seed", cls.seed) >= 0 and min(sizes) >= 0, "task.seed and task.*_size must be non-negative")
+        length = t.get("completion_length", cls.completion_length)
+        if t.get("prompt_style", "compact") == "compact":
+            longest = longest_expression(t.get("number_max", cls.number_max))
+            need(
+                longest <= length,
+                f"task.number_max={t.get('number_max', cls.number_max)}: a solution can take {longest} characters, "
+                f"more than task.completion_length={length}",
+            )
+
+
+# The schema's defaults, the one place they are written.
 _DEFAULT = CountdownTaskCfg()
 
 
@@ -507,31 +571,9 @@ class CountdownConfig:
             kwargs[key] = None if kwargs[key] in (None, "") else str(kwargs[key])
         kwargs["reward_mode"] = str(kwargs["reward_mode"])
         config = cls(**kwargs)
-        config.check()
+        # The schema's rules (CountdownTaskCfg.check) on the cast values; cfg's other keys (prompt_style) too.
+        check_values(CountdownTaskCfg, {**cfg, **dataclasses.asdict(config)})
         return config
-
-    def check(self) -> None:
-        """Raise ConfigError, naming the task.* field, for values the task cannot honour."""
-        if self.reward_mode not in REWARD_MODES:
-            raise ConfigError(f"task.reward_mode={self.reward_mode!r} must be one of: {', '.join(REWARD_MODES)}")
-        if not 0 <= self.number_min <= self.number_max <= MAX_VALUE:
-            raise ConfigError(
-                f"task.number_min={self.number_min}, task.number_max={self.number_max}: "
-                f"need 0 <= number_min <= number_max <= {MAX_VALUE} (no unary minus, so no negative numbers)"
-            )
-        if not -MAX_VALUE <= self.target_min <= self.target_max <= MAX_VALUE:
-            raise ConfigError(
-                f"task.target_min={self.target_min}, task.target_max={self.target_max}: "
-                f"need -{MAX_VALUE} <= target_min <= target_max <= {MAX_VALUE}"
-            )
-        mix = self.class_mix
-        if len(mix) != len(CATEGORIES) or not all(math.isfinite(w) and w >= 0 for w in mix) or sum(mix) <= 0:
-            raise ConfigError(
-                f"task.class_mix={list(mix)} must be {len(CATEGORIES)} non-negative shares "
-                "(additive, needs *, needs /) with a positive sum"
-            )
-        if self.seed < 0 or min(self.train_size, self.validation_size, self.test_size) < 0:
-            raise ConfigError("task.seed and task.*_size must be non-negative")
 
     def generator_key(self) -> dict[str, Any]:
         """The fields that determine generated data (its cache key)."""
@@ -645,15 +687,16 @@ def generate_instances(config: CountdownConfig) -> dict[str, list[Instance]]:
 
 # Arrow column types; the datasets are built from arrow arrays because datasets' per-row feature encoding
 # takes seconds for the ~250k rows of TinyZero's 3-number set.
-_ARROW_TYPES = {
-    "nums": pa.list_(pa.int64()),
-    "target": pa.int64(),
-    "solution": pa.string(),
-    "category": pa.string(),
-    "prompt": pa.string(),
-    "eval_prompt": pa.string(),
-    "answer_tags": pa.bool_(),
-}
+def _arrow_types() -> dict[str, pa.DataType]:
+    return {
+        "nums": pa.list_(pa.int64()),
+        "target": pa.int64(),
+        "solution": pa.string(),
+        "category": pa.string(),
+        "prompt": pa.string(),
+        "eval_prompt": pa.string(),
+        "answer_tags": pa.bool_(),
+    }
 
 
 def instances_to_dataset(instances: Sequence[Instance], **extra: list[Any]) -> datasets.Dataset:
@@ -665,7 +708,8 @@ def instances_to_dataset(instances: Sequence[Instance], **extra: list[Any]) -> d
         "category": [i.category for i in instances],
         **extra,
     }
-    return datasets.Dataset.from_dict({k: pa.array(v, type=_ARROW_TYPES[k]) for k, v in columns.items()})
+    types = _arrow_types()
+    return datasets.Dataset.from_dict({k: pa.array(v, type=types[k]) for k, v in columns.items()})
 
 
 def dataset_to_instances(ds: datasets.Dataset) -> list[Instance]:
@@ -827,23 +871,16 @@ def carve_instances(instances: list[Instance], size: int, seed: int) -> tuple[li
 # --------------------------------------------------------------------------------------------------- task
 
 
-@register_task("countdown")
+@register_task("countdown", config=CountdownTaskCfg)
 class CountdownTask(Task):
     """Countdown, three numbers: compact (``30,100,93:23`` → ``30-100+93``) or chat prompts (docs/tasks.md)."""
 
     alphabet = "0123456789+-*/(),:"
     primary_metric = "acc"
-    prompt_styles = ("compact", "chat")
 
     def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path) -> None:
         super().__init__(cfg, cache_dir)
         self.config = CountdownConfig.from_cfg(self.cfg)
-        if not self.chat and longest_expression(self.config.number_max) > self.config.completion_length:
-            raise ConfigError(
-                f"task.number_max={self.config.number_max}: a solution can take "
-                f"{longest_expression(self.config.number_max)} characters, more than "
-                f"task.completion_length={self.config.completion_length}"
-            )
         # Fail at construction, not hours later, when a configured file is missing.
         for key in ("train_file", "validation_file", "test_file"):
             path = getattr(self.config, key)

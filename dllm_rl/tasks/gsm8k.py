@@ -43,16 +43,16 @@ share of completions with a ``\\boxed{…}`` inside <answer>…</answer> (the fo
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import datasets
-
+from dllm_rl.lazy import lazy_import
 from dllm_rl.tasks.base import SYSTEM_PROMPT, register_task
-from dllm_rl.tasks.hub_task import HubTask, string_field, xml_answer
+from dllm_rl.tasks.hub_task import HubTask, HubTaskCfg, string_field, xml_answer
 from dllm_rl.tasks.rewards import (
     MAX_REWARD_CHARS,
     RewardFn,
@@ -61,6 +61,11 @@ from dllm_rl.tasks.rewards import (
     first_tag_content,
     register_reward,
 )
+
+datasets = lazy_import("datasets")  # loads on first use (dllm_rl/lazy.py)
+
+# task.variant: xml = the five-function d1 reward; boxed = GDSD's single exact-match reward
+VARIANTS: tuple[str, ...] = ("xml", "boxed")
 
 # The evaluation block; its first line ends with a space before the newline (as in the reference).
 GSM_SYSTEM_PROMPT = (
@@ -416,7 +421,26 @@ def gsm8k_row_problem(row: Mapping[str, Any]) -> str | None:
     return None
 
 
-@register_task("gsm8k")
+@dataclasses.dataclass
+class GSM8KTaskCfg(HubTaskCfg):
+    """``task=gsm8k`` (conf/task/gsm8k.yaml comments each option)."""
+
+    name: str = "gsm8k"
+    train_hub_id: str | None = "openai/gsm8k"
+    train_hub_config: str | None = "main"
+    test_hub_id: str | None = "openai/gsm8k"
+    test_hub_config: str | None = "main"
+    # xml: the five-function d1 reward; boxed: GDSD's single exact-match reward (docs/tasks.md)
+    variant: str = "xml"
+
+    @classmethod
+    def check(cls, t: Any, need: Callable[[bool, str], None]) -> None:
+        super().check(t, need)
+        variant = t.get("variant", cls.variant)
+        need(variant in VARIANTS, f"task.variant={variant!r} must be one of: {', '.join(VARIANTS)}")
+
+
+@register_task("gsm8k", config=GSM8KTaskCfg)
 class GSM8KTask(HubTask):
     """GSM8K with d1's prompts, rewards (both modes) and evaluation parsers."""
 
@@ -424,7 +448,7 @@ class GSM8KTask(HubTask):
 
     def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path) -> None:
         super().__init__(cfg, cache_dir)
-        self.variant = self.choice("variant", ("xml", "boxed"), "xml")
+        self.variant = str(self.options["variant"])
 
     def row_problem(self, row: Mapping[str, Any], kind: str) -> str | None:
         return gsm8k_row_problem(row)

@@ -16,24 +16,60 @@ linearly and never evaluates anything.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import datasets
-
-from dllm_rl.errors import ConfigError
+from dllm_rl.config import SCHEMAS, TaskCfg, option
+from dllm_rl.lazy import lazy_import
 from dllm_rl.tasks.base import (
     DataError,
     Task,
     carve_validation,
     check_rows,
     check_split,
+    check_values,
     load_hub,
     read_local,
 )
 from dllm_rl.tasks.rewards import braced
+
+datasets = lazy_import("datasets")  # loads on first use (dllm_rl/lazy.py)
+
+REWARD_MODES: tuple[str, ...] = ("fixed", "reference")
+
+
+@dataclasses.dataclass
+class HubTaskCfg(TaskCfg):
+    """A task whose data comes from the hub or from local files (GSM8K, MATH500)."""
+
+    prompt_styles: ClassVar[tuple[str, ...]] = ("chat",)
+
+    completion_length: int = 256
+    block_length: int = 32
+    diffusion_steps: int = 128
+    prompt_style: str = "chat"
+    reward_mode: str = "fixed"
+    train_hub_id: str | None = None
+    train_hub_config: str | None = None
+    train_hub_split: str = "train"
+    test_hub_id: str | None = None
+    test_hub_config: str | None = None
+    test_hub_split: str = "test"
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+
+    @classmethod
+    def check(cls, t: Any, need: Callable[[bool, str], None]) -> None:
+        super().check(t, need)
+        mode = t.get("reward_mode", cls.reward_mode)
+        need(mode in REWARD_MODES, f"task.reward_mode={mode!r} must be one of: {', '.join(REWARD_MODES)}")
+        size = t.get("validation_size", cls.validation_size)
+        need(size >= 0, f"task.validation_size={size} must be >= 0")
+
 
 FILE_KEYS: tuple[str, ...] = ("train_file", "validation_file", "test_file")
 
@@ -128,17 +164,19 @@ class HubTask(Task):
     the train rules), and implement ``row_problem`` and ``make_columns``.
     """
 
-    prompt_styles = ("chat",)
     primary_metric = "acc"
     fields: Mapping[str, tuple[str, ...]] = {}
 
     def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path) -> None:
         super().__init__(cfg, cache_dir)
-        self.reward_mode = self.choice("reward_mode", ("fixed", "reference"), "fixed")
-        self.seed = int(self.cfg.get("seed", 42))
-        self.validation_size = int(self.cfg.get("validation_size", 256))
-        if self.validation_size < 0:
-            raise ConfigError(f"task.validation_size={self.validation_size} must be >= 0")
+        # The defaults and rules of the task's schema (registered with it): a task built without a validated
+        # config gets the same errors as a run.
+        schema = SCHEMAS["task"][self.name]
+        self.options = {**dataclasses.asdict(schema()), **{k: option(self.cfg, k) for k in self.cfg}}
+        check_values(schema, self.options)
+        self.reward_mode = str(self.options["reward_mode"])
+        self.seed = int(self.options["seed"])
+        self.validation_size = int(self.options["validation_size"])
         self.files: dict[str, Path | None] = {}
         # Fail at construction, not when the data is first needed, when a configured file is missing.
         for key in FILE_KEYS:
@@ -150,14 +188,6 @@ class HubTask(Task):
         self._splits: dict[str, datasets.Dataset] = {}
 
     # -- options
-
-    def choice(self, key: str, allowed: tuple[str, ...], default: str) -> str:
-        """cfg[key] as one of ``allowed``; ConfigError naming task.<key> otherwise."""
-        value = self.cfg.get(key, default)
-        value = getattr(value, "value", value)  # an Enum from a structured config
-        if value not in allowed:
-            raise ConfigError(f"task.{key}={value!r} must be one of: {', '.join(allowed)}")
-        return str(value)
 
     # -- subclass hooks
 

@@ -43,6 +43,7 @@ the searched text. ``format_rate``: the share of completions with a box inside <
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -54,16 +55,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
-
-from dllm_rl.errors import ConfigError
+from dllm_rl.lazy import lazy_import
 from dllm_rl.tasks.base import SYSTEM_PROMPT, register_task
 from dllm_rl.tasks.hub_task import (
     HubTask,
+    HubTaskCfg,
     first_answer_region,
     last_boxed,
     string_field,
@@ -77,6 +77,11 @@ from dllm_rl.tasks.rewards import (
     last_tag_content,
     register_reward,
 )
+
+datasets = lazy_import("datasets")  # loads on first use (dllm_rl/lazy.py)
+
+# task.verifier: hendrycks = normalised string match (d1); math_verify = symbolic equivalence (GDSD)
+VERIFIERS: tuple[str, ...] = ("hendrycks", "math_verify")
 
 log = logging.getLogger(__name__)
 
@@ -452,7 +457,39 @@ def math500_metrics(
 # ------------------------------------------------------------------------------------------ task
 
 
-@register_task("math500")
+@dataclasses.dataclass
+class Math500TaskCfg(HubTaskCfg):
+    """``task=math500`` (conf/task/math500.yaml comments each option)."""
+
+    name: str = "math500"
+    train_hub_id: str | None = "ankner/math-500"
+    test_hub_id: str | None = "HuggingFaceH4/MATH-500"
+    # hendrycks: normalised string match (d1); math_verify: symbolic equivalence (GDSD)
+    verifier: str = "hendrycks"
+    # seconds math-verify may spend on one comparison
+    verify_timeout: float = 5.0
+    # where the prediction's boxed answer is taken from: anywhere (d1) | answer_tags (GDSD math_xml)
+    math_pred_region: str = "anywhere"
+
+    @classmethod
+    def check(cls, t: Any, need: Callable[[bool, str], None]) -> None:
+        super().check(t, need)
+        verifier = t.get("verifier", cls.verifier)
+        need(verifier in VERIFIERS, f"task.verifier={verifier!r} must be one of: {', '.join(VERIFIERS)}")
+        region = t.get("math_pred_region", cls.math_pred_region)
+        need(
+            region in PRED_REGIONS,
+            f"task.math_pred_region={region!r} must be one of: {', '.join(PRED_REGIONS)}",
+        )
+        timeout = t.get("verify_timeout", cls.verify_timeout)
+        need(timeout > 0, f"task.verify_timeout={timeout} must be > 0 (seconds per comparison)")
+        need(
+            verifier != "math_verify" or importlib.util.find_spec("math_verify") is not None,
+            "task.verifier=math_verify needs the math-verify package (pip install math-verify)",
+        )
+
+
+@register_task("math500", config=Math500TaskCfg)
 class Math500Task(HubTask):
     """MATH500 with d1's prompts and rewards (both modes), and GDSD's math-verify variant."""
 
@@ -460,13 +497,9 @@ class Math500Task(HubTask):
 
     def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path) -> None:
         super().__init__(cfg, cache_dir)
-        self.verifier = self.choice("verifier", ("hendrycks", "math_verify"), "hendrycks")
-        self.pred_region = self.choice("math_pred_region", PRED_REGIONS, "anywhere")
-        self.verify_timeout = float(self.cfg.get("verify_timeout", 5.0))
-        if not self.verify_timeout > 0:
-            raise ConfigError(f"task.verify_timeout={self.verify_timeout} must be > 0 (seconds per comparison)")
-        if self.verifier == "math_verify" and importlib.util.find_spec("math_verify") is None:
-            raise ConfigError("task.verifier=math_verify needs the math-verify package (pip install math-verify)")
+        self.verifier = str(self.options["verifier"])
+        self.pred_region = str(self.options["math_pred_region"])
+        self.verify_timeout = float(self.options["verify_timeout"])
 
     def row_problem(self, row: Mapping[str, Any], kind: str) -> str | None:
         problem = string_field(row, "problem")

@@ -32,14 +32,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import datasets
-import numpy as np
-
-from dllm_rl.errors import ConfigError
-from dllm_rl.tasks.base import SPLITS, Task, check_split, register_task
+from dllm_rl.config import TaskCfg
+from dllm_rl.lazy import lazy_import
+from dllm_rl.tasks.base import SPLITS, Task, check_split, check_values, register_task
 from dllm_rl.tasks.rewards import RewardFn, clip_text, register_reward
+
+datasets = lazy_import("datasets")  # loads on first use (dllm_rl/lazy.py)
+np = lazy_import("numpy")
 
 DIGITS = "0123456789"
 # The largest prompt length: keeps the prompt universe (10^k strings) and rollouts small.
@@ -55,15 +56,7 @@ RULES: dict[str, Callable[[int, int, int], int]] = {
     "upper": lambda d, i, b: d + b,
 }
 
-_FEATURES = datasets.Features(
-    {
-        "prompt": datasets.Value("string"),
-        "eval_prompt": datasets.Value("string"),
-        "digits": datasets.Value("string"),
-        "answer": datasets.Value("string"),
-        "base_target": datasets.Value("string"),
-    }
-)
+_COLUMNS = ("prompt", "eval_prompt", "digits", "answer", "base_target")
 # Independent random streams per split, so that e.g. changing train_size keeps the test prompts.
 _STAGE_SEEDS = {"test": 1, "validation": 2, "train": 3}
 
@@ -119,11 +112,19 @@ def sanity_metrics(completions: Sequence[str], answers: Sequence[str]) -> dict[s
 # Configuration and generator
 
 
-@dataclasses.dataclass(frozen=True)
-class SanityConfig:
-    """Sanity task options (conf/task/sanity.yaml comments each one)."""
+@dataclasses.dataclass
+class SanityTaskCfg(TaskCfg):
+    """``task=sanity``: k digits in, k digits out by a fixed per-position rule (conf/task/sanity.yaml comments
+    each option)."""
 
-    seed: int = 42
+    prompt_styles: ClassVar[tuple[str, ...]] = ("compact",)
+
+    name: str = "sanity"
+    completion_length: int = 5
+    block_length: int = 5
+    diffusion_steps: int = 5
+    validation_size: int = 64
+    warmstart_steps: int = 300
     rule: str = "succ"
     radix: int = 4
     length_min: int = 5
@@ -131,8 +132,60 @@ class SanityConfig:
     warmstart_rule: str = "copy"
     warmstart_noise: float = 0.6
     train_size: int = 384
-    validation_size: int = 64
     test_size: int = 64
+
+    @classmethod
+    def check(cls, t: Any, need: Callable[[bool, str], None]) -> None:
+        super().check(t, need)
+        rule, base_rule = t.get("rule", cls.rule), t.get("warmstart_rule", cls.warmstart_rule)
+        need(rule in RULES, f"task.rule={rule!r} must be one of {', '.join(RULES)}")
+        need(base_rule in RULES, f"task.warmstart_rule={base_rule!r} must be one of {', '.join(RULES)}")
+        noise = t.get("warmstart_noise", cls.warmstart_noise)
+        need(0.0 <= noise <= 1.0, f"task.warmstart_noise={noise} must be in [0, 1]")
+        radix = t.get("radix", cls.radix)
+        need(2 <= radix <= 10, f"task.radix={radix} must be in 2..10 (prompt digits 0..radix-1)")
+        need(
+            "upper" not in (rule, base_rule) or radix <= 5,
+            f"task.radix={radix}: the rule upper writes d + radix, so radix must be <= 5",
+        )
+        low, high = t.get("length_min", cls.length_min), t.get("length_max", cls.length_max)
+        need(
+            1 <= low <= high <= MAX_LENGTH,
+            f"task.length_min={low}, task.length_max={high}: need 1 <= length_min <= length_max <= {MAX_LENGTH}",
+        )
+        sizes = [t.get(f"{s}_size", getattr(cls, f"{s}_size")) for s in SPLITS]
+        need(
+            t.get("seed", cls.seed) >= 0 and min(sizes) >= 1,
+            "task.seed must be >= 0 and task.train_size, validation_size, test_size >= 1",
+        )
+        if 2 <= radix <= 10 and 1 <= low <= high <= MAX_LENGTH:
+            universe = sum(radix**k for k in range(low, high + 1))
+            need(
+                sum(sizes) <= universe // 2,
+                f"task.train_size+validation_size+test_size={sum(sizes)} distinct prompts: lengths "
+                f"{low}..{high} have {universe}; ask for at most half of them or allow longer prompts "
+                "(task.length_max)",
+            )
+
+
+# The schema's defaults, the one place they are written.
+_DEFAULT = SanityTaskCfg()
+
+
+@dataclasses.dataclass(frozen=True)
+class SanityConfig:
+    """The task.* options the generator reads, cast and checked; defaults are the schema's (SanityTaskCfg)."""
+
+    seed: int = _DEFAULT.seed
+    rule: str = _DEFAULT.rule
+    radix: int = _DEFAULT.radix
+    length_min: int = _DEFAULT.length_min
+    length_max: int = _DEFAULT.length_max
+    warmstart_rule: str = _DEFAULT.warmstart_rule
+    warmstart_noise: float = _DEFAULT.warmstart_noise
+    train_size: int = _DEFAULT.train_size
+    validation_size: int = _DEFAULT.validation_size
+    test_size: int = _DEFAULT.test_size
 
     @classmethod
     def from_cfg(cls, cfg: Mapping[str, Any]) -> SanityConfig:
@@ -142,36 +195,9 @@ class SanityConfig:
             value = cfg.get(f.name, f.default)
             kwargs[f.name] = {"int": int, "float": float}.get(str(f.type), str)(value)
         config = cls(**kwargs)
-        config.check()
+        # The schema's rules (SanityTaskCfg.check) on the cast values.
+        check_values(SanityTaskCfg, {**cfg, **dataclasses.asdict(config)})
         return config
-
-    def check(self) -> None:
-        """Raise ConfigError naming the task.* field for values the generator cannot honour."""
-        if self.rule not in RULES:
-            raise ConfigError(f"task.rule={self.rule!r} must be one of {', '.join(RULES)}")
-        if self.warmstart_rule not in RULES:
-            raise ConfigError(f"task.warmstart_rule={self.warmstart_rule!r} must be one of {', '.join(RULES)}")
-        if not 0.0 <= self.warmstart_noise <= 1.0:
-            raise ConfigError(f"task.warmstart_noise={self.warmstart_noise} must be in [0, 1]")
-        if not 2 <= self.radix <= 10:
-            raise ConfigError(f"task.radix={self.radix} must be in 2..10 (prompt digits 0..radix-1)")
-        if "upper" in (self.rule, self.warmstart_rule) and self.radix > 5:
-            raise ConfigError(f"task.radix={self.radix}: the rule upper writes d + radix, so radix must be <= 5")
-        if not 1 <= self.length_min <= self.length_max <= MAX_LENGTH:
-            raise ConfigError(
-                f"task.length_min={self.length_min}, task.length_max={self.length_max}: "
-                f"need 1 <= length_min <= length_max <= {MAX_LENGTH}"
-            )
-        if self.seed < 0 or min(self.train_size, self.validation_size, self.test_size) < 1:
-            raise ConfigError("task.seed must be >= 0 and task.train_size, validation_size, test_size >= 1")
-        universe = sum(self.radix**k for k in range(self.length_min, self.length_max + 1))
-        wanted = self.train_size + self.validation_size + self.test_size
-        if wanted > universe // 2:
-            raise ConfigError(
-                f"task.train_size+validation_size+test_size={wanted} distinct prompts: lengths "
-                f"{self.length_min}..{self.length_max} have {universe}; ask for at most half of them "
-                "or allow longer prompts (task.length_max)"
-            )
 
 
 def sample_prompts(config: SanityConfig, n: int, rng: np.random.Generator, exclude: set[str]) -> list[str]:
@@ -212,18 +238,17 @@ def generate_splits(config: SanityConfig) -> dict[str, datasets.Dataset]:
             base.append("".join(DIGITS[u] if m else ch for ch, m, u in zip(ruled, ms, us, strict=False)))
         splits[split] = datasets.Dataset.from_dict(
             {"prompt": prompts, "eval_prompt": prompts, "digits": prompts, "answer": answers, "base_target": base},
-            features=_FEATURES,
+            features=datasets.Features({name: datasets.Value("string") for name in _COLUMNS}),
         )
     return splits
 
 
-@register_task("sanity")
+@register_task("sanity", config=SanityTaskCfg)
 class SanityTask(Task):
     """k digits in, k digits out by a fixed per-position rule; a base that knows the format only."""
 
     alphabet = DIGITS
     primary_metric = "acc"
-    prompt_styles = ("compact",)
 
     def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path) -> None:
         super().__init__(cfg, cache_dir)

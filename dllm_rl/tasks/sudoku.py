@@ -22,15 +22,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
-import numpy as np
-
-from dllm_rl.config import SudokuTaskCfg
-from dllm_rl.errors import ConfigError
+from dllm_rl.config import TaskCfg
+from dllm_rl.lazy import lazy_import
 from dllm_rl.tasks.base import (
     SPLITS,
     DataError,
@@ -38,10 +35,14 @@ from dllm_rl.tasks.base import (
     carve_validation,
     check_csv,
     check_split,
+    check_values,
     read_json_rows,
     register_task,
 )
 from dllm_rl.tasks.rewards import RewardFn, clip_text, last_tag_content, register_reward
+
+datasets = lazy_import("datasets")  # loads on first use (dllm_rl/lazy.py)
+np = lazy_import("numpy")
 
 GRID_CELLS = 16
 GRID_DIGITS = "1234"
@@ -54,14 +55,11 @@ GENERATOR_VERSION = 2
 
 _ASCII_DIGITS = frozenset("0123456789")
 _PUZZLE_CHARS = frozenset("01234")
-_FEATURES = datasets.Features(
-    {
-        "prompt": datasets.Value("string"),
-        "eval_prompt": datasets.Value("string"),
-        "puzzle": datasets.Value("string"),
-        "solution": datasets.Value("string"),
-    }
-)
+_COLUMNS = ("prompt", "eval_prompt", "puzzle", "solution")
+
+
+def _features() -> datasets.Features:
+    return datasets.Features({name: datasets.Value("string") for name in _COLUMNS})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,7 +347,51 @@ _GENERATOR_FIELDS = (
 )
 
 
-# The schema's defaults (dllm_rl/config.py SudokuTaskCfg, the one place they are written).
+@dataclasses.dataclass
+class SudokuTaskCfg(TaskCfg):
+    """``task=sudoku``: the generator's and the reward's options (conf/task/sudoku.yaml comments each)."""
+
+    name: str = "sudoku"
+    completion_length: int = 16
+    block_length: int = 16
+    diffusion_steps: int = 8
+    split: str = "leak_free"
+    train_grids: int = 200
+    train_size: int = 20000
+    test_size: int = 256
+    blanks_min: int = 6
+    blanks_max: int = 10
+    test_blanks: int = 8
+    require_unique: bool = False
+    credit_alternative_solutions: bool = True
+    few_shot: int = 3
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+
+    @classmethod
+    def check(cls, t: Any, need: Callable[[bool, str], None]) -> None:
+        super().check(t, need)
+        split, grids = t.get("split", cls.split), t.get("train_grids", cls.train_grids)
+        need(split in ("leak_free", "d1"), f"task.split={split!r} must be 'leak_free' or 'd1'")
+        need(
+            split != "leak_free" or 1 <= grids < NUM_GRIDS,
+            f"task.train_grids={grids} must be in [1, {NUM_GRIDS - 1}]",
+        )
+        low, high = t.get("blanks_min", cls.blanks_min), t.get("blanks_max", cls.blanks_max)
+        need(
+            1 <= low <= high <= GRID_CELLS,
+            f"task.blanks_min={low}, task.blanks_max={high}: need 1 <= blanks_min <= blanks_max <= 16",
+        )
+        test_blanks = t.get("test_blanks", cls.test_blanks)
+        need(1 <= test_blanks <= GRID_CELLS, f"task.test_blanks={test_blanks} must be in [1, 16]")
+        sizes = [t.get(f"{s}_size", getattr(cls, f"{s}_size")) for s in SPLITS]
+        need(t.get("seed", cls.seed) >= 0 and min(sizes) >= 0, "task.seed and task.*_size must be non-negative")
+        shots = t.get("few_shot", cls.few_shot)
+        need(shots in (0, 3), f"task.few_shot={shots} must be 0 (zero-shot, d1) or 3 (SPG's 3-shot prompt)")
+
+
+# The schema's defaults, the one place they are written.
 _DEFAULT = SudokuTaskCfg()
 
 
@@ -386,26 +428,9 @@ class SudokuConfig:
         for key in ("train_file", "validation_file", "test_file"):
             kwargs[key] = None if kwargs[key] in (None, "") else str(kwargs[key])
         config = cls(**kwargs)
-        config.check()
+        # The schema's rules (SudokuTaskCfg.check) on the cast values.
+        check_values(SudokuTaskCfg, {**cfg, **dataclasses.asdict(config)})
         return config
-
-    def check(self) -> None:
-        """Raise ConfigError, naming the task.* field, for values the generator cannot honour."""
-        if self.split not in ("leak_free", "d1"):
-            raise ConfigError(f"task.split={self.split!r} must be 'leak_free' or 'd1'")
-        if self.split == "leak_free" and not 1 <= self.train_grids < NUM_GRIDS:
-            raise ConfigError(f"task.train_grids={self.train_grids} must be in [1, {NUM_GRIDS - 1}]")
-        if not 1 <= self.blanks_min <= self.blanks_max <= GRID_CELLS:
-            raise ConfigError(
-                f"task.blanks_min={self.blanks_min}, task.blanks_max={self.blanks_max}: "
-                "need 1 <= blanks_min <= blanks_max <= 16"
-            )
-        if not 1 <= self.test_blanks <= GRID_CELLS:
-            raise ConfigError(f"task.test_blanks={self.test_blanks} must be in [1, 16]")
-        if self.seed < 0 or min(self.train_size, self.validation_size, self.test_size) < 0:
-            raise ConfigError("task.seed and task.*_size must be non-negative")
-        if self.few_shot not in (0, 3):
-            raise ConfigError(f"task.few_shot={self.few_shot} must be 0 (zero-shot, d1) or 3 (SPG's 3-shot prompt)")
 
     def generator_key(self) -> dict[str, Any]:
         """The fields that determine generated data (cache key); reward options and files excluded."""
@@ -530,7 +555,7 @@ def pairs_to_dataset(pairs: Sequence[Pair], prompt_of: Any = None) -> datasets.D
     prompts = puzzles if prompt_of is None else [prompt_of(p) for p in puzzles]
     return datasets.Dataset.from_dict(
         {"prompt": prompts, "eval_prompt": prompts, "puzzle": puzzles, "solution": [s for _, s in pairs]},
-        features=_FEATURES,
+        features=_features(),
     )
 
 
@@ -686,7 +711,7 @@ def chat_prompt(puzzle: str, examples: Sequence[Pair]) -> str:
     return SUDOKU_SYSTEM_PROMPT + "\n\n" + "\n\n".join([*shots, question])
 
 
-@register_task("sudoku")
+@register_task("sudoku", config=SudokuTaskCfg)
 class SudokuTask(Task):
     """4x4 Sudoku: compact (16-char puzzle in, 16 digits out) or chat (rules prompt, <answer> tags)."""
 
@@ -738,7 +763,7 @@ class SudokuTask(Task):
             ds.remove_columns(["prompt", "eval_prompt"])
             .add_column("prompt", prompts)
             .add_column("eval_prompt", prompts)
-            .select_columns(list(_FEATURES))
+            .select_columns(list(_COLUMNS))
         )
 
     def default_rewards(self) -> list[tuple[str, RewardFn]]:
