@@ -63,23 +63,41 @@ class ChatTemplate(Enum):
 @dataclass
 class ModelCfg:
     name: str = MISSING
+    # architecture family: tiny | llada | dream (decides the network class, tokenizer specials, logit alignment)
     family: FamilyName = FamilyName.tiny
+    # local save_pretrained directory to start from (null = warm-start or reuse the cached base)
     path: str | None = None
+    # true for configs that describe an official checkpoint: model.path must then be given
     requires_path: bool = False
+    # a saved LoRA adapter (adapter_config.json) to put on the starting weights and keep training (null = none)
     adapter: str | None = None
+    # transformer width
     hidden_size: int = 64
+    # transformer blocks
     num_layers: int = 4
+    # attention heads
     num_heads: int = 4
+    # key/value heads (null = num_heads)
     num_kv_heads: int | None = None
+    # SwiGLU width (null = 8/3 of hidden_size, rounded up to a multiple of 8)
     intermediate_size: int | None = None
+    # vocabulary size (null = the tokenizer's)
     vocab_size: int | None = None
+    # longest prompt + completion the rotary embedding is sized for
     max_position_embeddings: int = 512
+    # rotary base (null = the family's: tiny 1e4)
     rope_theta: float | None = None
+    # parameter dtype: float32 on CPU; bfloat16 on GPUs
     dtype: str = "float32"
+    # attention kernel: sdpa | eager | flash_attention_2 (needs the flash-attn package and a GPU)
     attn_implementation: AttnImplementation = AttnImplementation.sdpa
+    # recompute activations in the backward pass to save memory
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the network's forward (nn.Module.compile, in place, dynamic shapes)
+    # torch.compile the network's forward in place (dynamic shapes; CPU needs a C++ compiler, CUDA triton)
+    compile: bool = False
+    # 4-bit base weights: none | nf4 (bitsandbytes, needs a CUDA GPU)
     quantization: Quantization = Quantization.none
+    # family = install the family's fixed chat template where it has one (LLaDA); tokenizer = keep the checkpoint's
     chat_template: ChatTemplate = ChatTemplate.family
     lora: LoraCfg = field(default_factory=LoraCfg)
 
@@ -126,17 +144,27 @@ class StratifyOver(Enum):
 
 @dataclass
 class MaskCfg:
+    # mask-sampling schedule
     kind: MaskKind = MaskKind.random
     coupled: bool = False
+    # exact: n = ceil(t*L) positions chosen uniformly; bernoulli: each position with probability t
     count_mode: CountMode = CountMode.exact
+    # t ~ U(t_min, t_max)
     t_min: float = 0.0
+    # upper end of the mask ratio
     t_max: float = 1.0
+    # only positions up to the first EOS are scored
     scope: MaskScope = MaskScope.valid
+    # L / (masked count)
     weight: MaskWeight = MaskWeight.inv_t_empirical
+    # probability of masking each prompt (and clean earlier-block) position; 0 = the prompt is never masked
     prompt_mask_prob: float = 0.0
     block_len: int = 32
+    # uniform_distinct: copies take distinct blocks uniformly; reference_modulo: SPG code's permutation rule
     block_choice: BlockChoice = BlockChoice.uniform_distinct
+    # include: later (fully masked) blocks are scored too, as in SPG's code; exclude: masked, not scored
     future_blocks: FutureBlocks = FutureBlocks.include
+    # rows of one stratum: microbatch (reference) | group
     stratify_over: StratifyOver = StratifyOver.microbatch
 
 
@@ -210,19 +238,26 @@ class TaskCfg:
     completion_length: int = MISSING
     block_length: int = MISSING
     diffusion_steps: int = MISSING
+    # seed of the task's data: the generator's splits, or the held-out validation rows of a file or hub set
     seed: int = 42
+    # compact: the prompt is the literal model input (character-level models); chat: a user message for the tokenizer's
+    # chat template, the answer read from <answer> tags (docs/tasks.md, "Common rules")
     prompt_style: str = "compact"
     # reward functions (registered names or module:function); null = the task's own
     rewards: list[str] | None = None
     # a reward value that is not a finite number: error (stop, naming function and sample) | zero
     on_bad_reward: str = "error"
+    # held-out training-side rows for checkpoint selection (never the test split)
     validation_size: int = 256
     # evaluation protocol (python -m dllm_rl.evaluate): lengths, subset of the test split
     eval_gen_lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
+    # test examples python -m dllm_rl.evaluate scores (null = all; d1 evaluates 256 of its 500 Sudoku puzzles)
     eval_subset_size: int | None = None
+    # seed of that subset (d1: np.random.seed(42), then choice)
     eval_subset_seed: int = 42
     # prompts longer than this many tokens: drop (count them) | error | left_truncate; null = no cap
     max_prompt_tokens: int | None = None
+    # what happens to them: drop (and count), error, or left_truncate (the reference's behaviour)
     on_prompt_overflow: str = "drop"
     # supervised steps the embedded tiny model gets on this task (warmstart.steps follows it)
     warmstart_steps: int = 100
@@ -258,11 +293,20 @@ class TaskCfg:
 @dataclass
 class ClusterCfg:
     name: str = MISSING
+    # how workers start: local = on this machine (the Hydra process itself for nproc 1, else spawned workers through
+    # torch elastic launch); external = only write <run_dir>/config.yaml and print the torchrun command that starts them
+    # (python -m dllm_rl.worker <run_dir>/config.yaml per rank)
     launcher: str = "local"
+    # processes (one per GPU, or CPU processes with gloo); per node when nodes > 1
     nproc: int = 1
+    # nodes: more than 1 only with launcher external, which prints the torchrun line every node runs (world size = nodes
+    # * nproc; docs/SLURM.md, "Several nodes")
     nodes: int = 1
+    # torch.distributed backend: gloo on CPU, nccl on GPUs
     backend: str = "gloo"
+    # cpu or cuda
     device: str = "cpu"
+    # torch threads per process (0 = torch's default)
     threads: int = 0
     # SLURM (cluster=slurm; hydra-submitit-launcher's fields are interpolated from these)
     gpus_per_node: int = 0
@@ -289,8 +333,11 @@ class DeepSpeedCfg:
 class LoggingCfg:
     backend: str = MISSING
     wandb_mode: str = "offline"
+    # wandb project
     project: str = "dllm_rl"
+    # wandb entity (team); null = your default
     entity: str | None = None
+    # wandb group (e.g. a sweep name)
     group: str | None = None
 
 
@@ -299,8 +346,11 @@ class LoggingCfg:
 
 @dataclass
 class RolloutCfg:
+    # Q: prompts per rollout round
     prompts_per_step: int = 16
+    # G: completions sampled per prompt (the advantage group)
     samples_per_prompt: int = 8
+    # completions per sampler call (rollout memory knob, independent of the training micro-batch)
     micro_batch: int = 128
     # a string checked by validate() (not an Enum), so a bad value is a ConfigError naming the field
     zero3_params: str = "lockstep"
@@ -308,9 +358,15 @@ class RolloutCfg:
 
 @dataclass
 class TrainCfg:
+    # optimizer steps of RL (one rollout round every objective.inner_iterations steps; 0 = only evaluate the base)
     steps: int = 960
+    # rollout rounds instead of steps: when set, train.steps = rounds * objective.inner_iterations, so objectives with
+    # different mu see the same number of rollouts (null = train.steps decides)
     rounds: int | None = None
+    # completions per gradient micro-batch; gradient accumulation = Q*G / (nproc * this)
     micro_batch_per_gpu: int = 128
+    # skipped optimizer steps in a row (non-finite loss, surrogates or gradient) that abort the run, after saving
+    # checkpoints/last_good; 0 = never abort
     max_skipped_steps: int = 3
 
 
@@ -326,66 +382,111 @@ class LRSchedule(Enum):
 
 @dataclass
 class OptimCfg:
+    # AdamW (default) or SGD (torch.optim.SGD with optim.momentum; betas and eps unused)
     type: OptimType = OptimType.AdamW
+    # AdamW learning rate (constant after warm-up); 3e-4 and above made the tiny model worse
     lr: float = 1e-4
+    # SGD momentum (optim.type=SGD only)
     momentum: float = 0.0
+    # AdamW betas
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    # AdamW epsilon
     eps: float = 1e-8
+    # AdamW decoupled weight decay
     weight_decay: float = 0.0
+    # global gradient-norm clip (DeepSpeed gradient_clipping)
     max_grad_norm: float = 1.0
+    # linear learning-rate warm-up, in optimizer steps
     warmup_steps: int = 0
+    # after the warm-up: constant or cosine (a half cosine from lr down to lr * min_lr_ratio at the last optimizer step;
+    # a torch LambdaLR the DeepSpeed engine steps)
     schedule: LRSchedule = LRSchedule.constant
+    # cosine only: the final learning rate as a fraction of lr
     min_lr_ratio: float = 0.0
 
 
 @dataclass
 class EvalCfg:
+    # splits scored before RL, every every_n_steps and at the end: validation (held-out training rows) picks
+    # checkpoints/best; test is the reported metric and never used for selection
     splits: list[str] = field(default_factory=lambda: ["validation", "test"])
+    # evaluate every this many optimizer steps (0 = only before and after RL)
     every_n_steps: int = 150
+    # evaluate every this many rollout rounds instead: when set, eval.every_n_steps = this * mu (null = off)
     every_n_rounds: int | None = None
+    # evaluate the base before the first RL step
     before_train: bool = True
+    # cap on evaluated examples, >= 1 (null = the whole split)
     num_examples: int | None = None
+    # prompts per greedy generation call
     batch_size: int = 256
+    # compact tasks: also log, per evaluation, how sure the model is of each answer token with the whole completion
+    # masked (marginal_argmax_acc, marginal_mean_p, marginal_p_below_0.05 / _above_0.8; one extra forward per batch;
+    # python -m dllm_rl.evaluate evaluate.marginals=true writes the histogram)
     marginals: bool = False
 
 
 @dataclass
 class WarmstartCfg:
+    # train a supervised base when none is cached for (model, task, warmstart)
     enabled: bool = True
     steps: int = 100
+    # sequences per step
     batch_size: int = 64
+    # AdamW learning rate
     lr: float = 1e-3
+    # mask ratio t ~ U(t_min, 1) per sequence; the loss is the mean cross-entropy over masked tokens
     t_min: float = 0.05
+    # seed of the warm-start (independent of the RL seed, so every RL seed starts from one base)
     seed: int = 0
 
 
 @dataclass
 class CheckpointCfg:
+    # save a DeepSpeed checkpoint every this many optimizer steps (0 = only the final one)
     every_n_steps: int = 0
+    # how many step checkpoints to keep (the final one is always kept)
     keep_last: int = 2
+    # auto = continue from the newest complete checkpoint in this run directory (a restarted or requeued run), disable =
+    # always start fresh, path = start from checkpoint.resume_path
     resume_mode: str = "auto"
+    # a checkpoint directory (checkpoints/<tag>) for resume_mode=path
     resume_path: str | None = None
 
 
 @dataclass
 class EvaluateCfg:
+    # what to score: a save_pretrained directory, or a run directory (its checkpoints/best/hf, else
+    # checkpoints/final/hf); null = model.path, else the cached warm-started base of the tiny model
     checkpoint: str | None = None
+    # scored split (test: the papers' numbers; validation: held-out training rows)
     split: str = "test"
     gen_lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
+    # block length of the semi-autoregressive decoding (32 in the papers; capped at the length)
     block_length: int = 32
+    # denoising steps per generated token (0.5: steps = length/2, d1/SPG/GDSD; 1.0: DMPO's full steps)
     steps_per_token: float = 0.5
     subset_size: int | None = None
     subset_seed: int = 42
+    # prompts per greedy generation call and process (the papers: 8)
     batch_size: int = 8
+    # also write marginals.json (compact tasks): with the whole completion masked, how likely the model finds each
+    # reference answer token and whether it is the argmax (dllm_rl/evaluation.py target_marginals); compared with the
+    # base it tells whether RL moved answers or only confidence
     marginals: bool = False
 
 
 @dataclass
 class VarianceCfg:
-    # python -m dllm_rl.variance (dllm_rl/variance.py); conf/variance.yaml comments every key
+    # python -m dllm_rl.variance (dllm_rl/variance.py). K: independent rollout rounds (fresh prompts and completions
+    # from the base policy); >= 2
     rounds: int = 16
+    # R: independent mask draws per round, rollouts fixed; >= 2
     mask_draws: int = 2
+    # also split every gradient into the positions the reward reads and those it cannot see
+    # (Task.reward_blind_positions; costs a second backward per draw when the task names any)
     split_positions: bool = True
+    # refuse to start when the stored gradients (2*K*R float32 vectors of the trainable parameters) exceed this
     max_gradient_gib: float = 4.0
 
 
@@ -406,10 +507,13 @@ class Config:
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
     variance: VarianceCfg = field(default_factory=VarianceCfg)
+    # seed of the RL run (rollouts, masks, data order); the warm-started base has its own seed
     seed: int = 0
     run_name: str = MISSING
+    # parent directory of all run directories
     output_dir: str = "outputs"
     cache_dir: str = MISSING
+    # print a progress line to the console every this many optimizer steps (every step goes to the logs)
     log_every: int = 10
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import typing
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 import dllm_rl  # noqa: F401  (ConfigStore registration)
-from dllm_rl.config import SCHEMAS, ObjectiveCfg, apply_round_budget, check_writable, validate
+from dllm_rl.config import SCHEMAS, Config, MaskCfg, ObjectiveCfg, apply_round_budget, check_writable, validate
 from dllm_rl.errors import ConfigError
 from dllm_rl.objectives import OBJECTIVES
 from dllm_rl.samplers import SAMPLERS
@@ -220,6 +222,67 @@ def test_every_yaml_key_is_commented():
             value = stripped.split(":", 1)[1].strip()
             is_section = value == ""
             assert previous.startswith("#") or is_section, f"{path.name}:{i + 1} key '{key}' has no comment"
+
+
+def _schema_default(schema: type, path: list[str]) -> object:
+    """The dataclass default of a dotted key path (nested schemas followed), or _NO_DEFAULT."""
+    for part in path[:-1]:
+        schema = typing.get_type_hints(schema).get(part)
+        if not dataclasses.is_dataclass(schema):
+            return _NO_DEFAULT
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    f = fields.get(path[-1])
+    if f is None or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
+        return _NO_DEFAULT
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return getattr(value, "value", value)
+
+
+_NO_DEFAULT = object()
+
+
+def _leaves(node: dict, prefix: tuple[str, ...] = ()) -> list[tuple[list[str], object]]:
+    """(key path, value) of every non-mapping value of a nested mapping."""
+    out: list[tuple[list[str], object]] = []
+    for key, value in node.items():
+        out += _leaves(value, (*prefix, key)) if isinstance(value, dict) else [([*prefix, key], value)]
+    return out
+
+
+def test_no_yaml_option_repeats_a_schema_default():
+    """Every default is written once, in its schema; an option file holds what differs (its presets). A key
+    that resets what an earlier file of the option's own defaults list set (objective/mask/dmpo_rollout.yaml
+    after dmpo_loss.yaml) is a preset too."""
+    from hydra.core.config_store import ConfigStore
+
+    repo = ConfigStore.instance().repo
+    repeated = []
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        rel = path.relative_to(CONF_DIR).as_posix()
+        data = OmegaConf.to_container(OmegaConf.load(path))  # OmegaConf's scalars: 1e-4 is a float here
+        defaults = data.pop("defaults", []) or []
+        bases = [d[len("/base_") :].split("@")[0] for d in defaults if isinstance(d, str) and d.startswith("/base_")]
+        if bases:
+            schema = OmegaConf.get_type(repo[f"base_{bases[0]}.yaml"].node)
+        elif rel.startswith("objective/mask/"):
+            schema = MaskCfg
+        elif rel in ("config.yaml", "evaluate.yaml", "variance.yaml"):
+            schema = Config
+        else:
+            continue  # sweeps, testbed and objective_task files override other files by design
+        earlier = set()
+        for d in defaults:
+            if isinstance(d, str) and d not in ("_self_", "config") and not d.startswith("/"):
+                earlier |= set(OmegaConf.to_container(OmegaConf.load(path.parent / f"{d}.yaml")))
+
+        for key_path, value in _leaves(data):
+            default = _schema_default(schema, key_path)
+            if default is _NO_DEFAULT or key_path[-1] in earlier or (isinstance(value, str) and "${" in value):
+                continue
+            same = (value is default) if isinstance(default, bool) or isinstance(value, bool) else value == default
+            if same:
+                repeated.append(f"{rel}: {'.'.join(key_path)}: {value!r}")
+    assert not repeated, "option files repeat their schema's default:\n" + "\n".join(repeated)
 
 
 def test_objectives_sweep_gives_every_objective_the_same_budget():

@@ -4,14 +4,15 @@ one clear error for each kind of bad checkpoint directory."""
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from forked import run_module
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from dllm_rl.config import validate
@@ -22,24 +23,24 @@ from dllm_rl.models.policy import build_tiny, load_pretrained
 from tests.test_config import _compose
 from tests.test_e2e import FAST, REPO, _one_clear_line, run_cli
 
-CONF = REPO / "dllm_rl" / "conf" / "model"
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz .,:\n<>/"
 FAMILY_CONFIGS = {"tiny": "tiny", "llada": "tiny_llada", "dream": "tiny_dream"}
 
 
+@functools.cache
+def _composed_model(name: str, lora: str) -> str:
+    return OmegaConf.to_yaml(_compose(f"model={name}", f"model/lora={lora}").model, resolve=True)
+
+
 def model_cfg(name: str, **overrides) -> dict:
-    """A model config group as Hydra composes it: the named yaml over tiny.yaml, lora from lora/."""
-    cfg = yaml.safe_load((CONF / "tiny.yaml").read_text())
-    if name != "tiny":
-        cfg.update({k: v for k, v in yaml.safe_load((CONF / f"{name}.yaml").read_text()).items() if k != "defaults"})
-    cfg.pop("defaults", None)
-    cfg["lora"] = yaml.safe_load((CONF / "lora" / "none.yaml").read_text())
+    """A model config group as Hydra composes it (the named option over its schema, lora from lora/none)."""
+    cfg = OmegaConf.to_container(OmegaConf.create(_composed_model(name, "none")), enum_to_str=True)
     cfg.update(overrides)
     return cfg
 
 
 def small_lora(**overrides) -> dict:
-    lora = yaml.safe_load((CONF / "lora" / "paper.yaml").read_text())
+    lora = OmegaConf.to_container(OmegaConf.create(_composed_model("tiny", "paper")).lora)
     return {**lora, "r": 4, "alpha": 8, "dropout": 0.0, **overrides}
 
 

@@ -21,18 +21,31 @@ import pytest
 import torch
 from exact import exact_elbo, exact_eubo, exact_logp, random_table, subset_index, subset_masks
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 import dllm_rl
-from dllm_rl.config import validate
+from dllm_rl.config import MaskCfg, validate
 from dllm_rl.errors import ConfigError
 from dllm_rl.likelihood import coupled_score, elbo, eubo, mask_seed, sample_masks
 from dllm_rl.likelihood.masks import Stratum
 from dllm_rl.objectives import RolloutBatch, get_objective
 from dllm_rl.objectives.base import metric_weight
+from dllm_rl.objectives.spg import SPGCfg
 
 CONF = Path(dllm_rl.__file__).parent / "conf" / "objective"
-SPG = OmegaConf.load(CONF / "spg.yaml")
+
+
+def _option(schema: type, *files: Path) -> DictConfig:
+    """Option files as Hydra merges them: onto their schema, in order, without their defaults lists."""
+    cfg = OmegaConf.structured(schema)
+    for path in files:
+        node = OmegaConf.load(path)
+        node.pop("defaults", None)
+        cfg = OmegaConf.merge(cfg, node)
+    return cfg
+
+
+SPG = _option(SPGCfg, CONF / "spg.yaml")
 BETA, M = float(SPG.beta), int(SPG.mc_samples)  # SPG's defaults: β = 1.5, m = 2
 PRESETS = ("random", "blockwise", "coupled", "stratified")
 # The schedule's block length is the sampler's; these lengths give 2, 3 and 2 blocks.
@@ -42,8 +55,7 @@ INSTANCES = 40  # random tables per length for the claims over many instances
 
 def preset(name: str, length: int) -> dict:
     """The shipped objective/mask preset, with the block length of a completion of this length."""
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "mask" / f"{name}.yaml"), resolve=False)
-    cfg.pop("defaults", None)
+    cfg = OmegaConf.to_container(_option(MaskCfg, CONF / "mask" / f"{name}.yaml"), resolve=False, enum_to_str=True)
     if cfg["kind"] == "blockwise":
         cfg["block_len"] = BLOCK_LEN[length]
     return cfg
@@ -300,8 +312,8 @@ def one_step(tab: torch.Tensor) -> float:
 def gdsd_plain(tab: torch.Tensor) -> float:
     """E of GDSD's plain coupled score: a stratified pair (gdsd.yaml), weight 1 per copy."""
     length = tab.shape[1]
-    cfg = OmegaConf.load(CONF / "mask" / "gdsd.yaml")
-    assert cfg.kind == "stratified" and cfg.coupled and cfg.weight == "none"
+    cfg = OmegaConf.to_container(_option(MaskCfg, CONF / "mask" / "gdsd.yaml"), enum_to_str=True)
+    assert cfg["kind"] == "stratified" and cfg["coupled"] and cfg["weight"] == "none"
     law = stratified_pair_law({"coupled": True, "weight": "tlc"}, length)
     ones = (law.weight > 0).double()
     score = coupled_score(tab[subset_index(law.scored)], law.scored, ones)[:, 0]
@@ -312,7 +324,8 @@ def dmpo_rollout_elbo(tab: torch.Tensor) -> float:
     """E of DMPO's rollout-time ELBO Ê (dmpo_rollout.yaml): λ ~ U(t_min, t_max), a Bernoulli(λ) copy and its
     complement, each weighted L/(masked count); the mean over copies has the mean of one pair's copies."""
     length = tab.shape[1]
-    cfg = {**OmegaConf.load(CONF / "mask" / "dmpo_loss.yaml"), **OmegaConf.load(CONF / "mask" / "dmpo_rollout.yaml")}
+    files = (CONF / "mask" / "dmpo_loss.yaml", CONF / "mask" / "dmpo_rollout.yaml")
+    cfg = OmegaConf.to_container(_option(MaskCfg, *files), enum_to_str=True)
     assert cfg["count_mode"] == "bernoulli" and cfg["coupled"] and cfg["weight"] == "inv_t_empirical"
     u, w = numpy.polynomial.legendre.leggauss(QUADRATURE)
     lam = torch.from_numpy(cfg["t_min"] + (cfg["t_max"] - cfg["t_min"]) * (u + 1) / 2)

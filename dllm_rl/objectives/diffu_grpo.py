@@ -40,9 +40,13 @@ torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 class DiffuGRPOCfg(OneStepCfg):
     """``objective=diffu_grpo``: the clip ε, the KL coefficient β and the loss normalisation."""
 
+    # registry name
     name: str = "diffu_grpo"
+    # epsilon: ratio clip range [1-eps, 1+eps]
     epsilon: float = 0.5
+    # beta: weight of the k3 KL estimator to the reference policy
     beta: float = 0.04
+    # token_weighted: token mean over the micro-batch (reference code); per_sequence: the paper's 1/|o_i|
     loss_norm: LossNorm = LossNorm.token_weighted
 
     @classmethod

@@ -116,19 +116,32 @@ class DMPOCfg(ObjectiveCfg):
     copies of the loss (``mc_samples``) and of the rollout-time scores (``rollout_mc_samples``,
     ``rollout_mask``), the loss (WDCE or WDDO) and its reduction."""
 
+    # registry name
     name: str = "dmpo"
+    # alpha: KL temperature of the target p* ∝ p_ref exp(r/alpha) (0: softmax(c r); -1: raw rewards)
     alpha: float = 0.04
+    # c: proximal step toward the target (1 = jump to p*)
     coeff: float = 1.0
+    # choose c per group by bisection so the weights' normalised ESS hits ess_target
     ada_coeff: bool = False
+    # target normalised effective sample size for ada_coeff
     ess_target: float = 0.7
+    # weight baseline b in a = w+ - s*b: neg (SNIS weights of p_ref exp(-r/alpha)) | mean | none
     baseline: DMPOBaseline = DMPOBaseline.neg
+    # s: baseline strength
     centering_strength: float = 1.0
+    # R: masked copies per sequence per step (antithetic pairs, both members counted)
     mc_samples: int = 4
+    # K: masked copies for the rollout-time ELBOs of p_cur and p_ref (shared masks)
     rollout_mc_samples: int = 4
     rollout_mask: MaskCfg = field(default_factory=MaskCfg)
+    # wdce: weighted denoising cross-entropy; wddo: the public code's logistic alternative
     loss: DMPOLoss = DMPOLoss.wdce
+    # sum over the micro-batch (reference) | mean_over_groups
     loss_reduction: DMPOReduction = DMPOReduction.sum
+    # alpha_d of wddo (weight of the negative half)
     wddo_alpha: float = 1.0
+    # beta_d of wddo (logistic scale)
     wddo_beta: float = 1.0
 
     @classmethod

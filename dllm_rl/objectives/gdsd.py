@@ -66,13 +66,21 @@ class GDSDCfg(ObjectiveCfg):
     """``objective=gdsd``: ψ, β and the clamp ε of the regression, the score (plain or tlc), and
     ``mc_pairs`` coupled mask pairs per sequence."""
 
+    # registry name
     name: str = "gdsd"
+    # psi: scale of the leave-one-out advantage the log-ratio is regressed onto
     psi: float = 1.0
+    # beta: weight of the k2 KL to the reference policy
     beta: float = 1e-3
+    # epsilon: trust band [log(1-eps), log(1+eps)] of the log-ratio clamp
     epsilon: float = 4e-4
+    # sum: clamp the summed log-ratio (reference) | per_token: clamp it divided by L | none
     clamp_on: ClampOn = ClampOn.sum
+    # plain: unweighted coupled score | tlc: 1/t and 1/(L/(L+1)-t) weights (ESPO's coupled ELBO)
     score: GDSDScore = GDSDScore.plain
+    # M: coupled mask pairs per sequence per step
     mc_pairs: int = 1
+    # sum (reference) or mean of the regression term over the M pairs
     mc_reduction: MCReduction = MCReduction.sum
 
     @classmethod

@@ -53,8 +53,11 @@ torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 class ELBOCfg(ObjectiveCfg):
     """``objective=elbo``: m = ``mc_samples`` masked copies per sequence."""
 
+    # registry name
     name: str = "elbo"
+    # m: Monte Carlo masked copies per sequence per step
     mc_samples: int = 2
+    # token_weighted: sum_j(-A_j V_j) / sum_j L_j (reference code); per_sequence: mean_j(-A_j V_j) (paper)
     loss_norm: LossNorm = LossNorm.token_weighted
 
 
@@ -69,10 +72,16 @@ class NegativeSurrogate(Enum):
 class SPGCfg(ELBOCfg):
     """``objective=spg``: V⁻ = ``negative_surrogate``, the EUBO's Rényi power β and copies m', the mixture's ω."""
 
+    # registry name
     name: str = "spg"
+    # surrogate of log pi for negative-advantage samples: eubo | mix | elbo | zero
     negative_surrogate: NegativeSurrogate = NegativeSurrogate.mix
+    # beta: Renyi power of the EUBO (paper: 1.0 for Sudoku, 1.5 otherwise; objective_task/ sets per task)
     beta: float = 1.5
+    # omega: mixture weight, omega*EUBO + (1-omega)*ELBO
     omega: float = 0.5
+    # masked copies for the EUBO of negative samples: the m copies of the ELBO plus eubo_mc_samples - m more in the same
+    # forward (null: m, the paper); fewer copies bias the EUBO low (docs/estimators.md)
     eubo_mc_samples: int | None = None
 
     @classmethod

@@ -33,8 +33,11 @@ class WD1Variant(Enum):
 class WD1Cfg(OneStepCfg):
     """``objective=wd1``: the weights' temperature ψ and which weights the loss uses."""
 
+    # registry name
     name: str = "wd1"
+    # psi = 1/(lambda + beta): temperature of the advantage weights
     psi: float = 1.0
+    # both: w+ and w- terms | pos_only: wd1-P, the w+ term alone
     variant: WD1Variant = WD1Variant.both
 
 

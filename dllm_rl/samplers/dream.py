@@ -55,11 +55,17 @@ class DreamSamplerCfg(SamplerCfg):
     """Dream's time-grid sampler (docs/samplers.md); the cache/threshold fields do not apply to it, and its
     confidences exclude the mask token (``renormalized`` only)."""
 
+    # position order: origin (random, ancestral), maskgit_plus (top-1 probability), topk_margin, entropy
     alg: DreamAlg = DreamAlg.entropy
+    # > 0: draw the revealed positions from softmax(confidence / alg_temp) instead of taking the top ones
     alg_temp: float = 0.0
+    # nucleus filter of the token distribution (null: none)
     top_p: float | None = 0.95
+    # top-k filter of the token distribution (null: none)
     top_k: int | None = None
+    # end of the time grid
     eps: float = 1e-3
+    # confidences exclude the mask token (renormalized, the only choice of this sampler)
     confidence: SamplerConfidence = SamplerConfidence.renormalized
 
     @classmethod

@@ -103,12 +103,23 @@ class SamplerCfg:
     gen_length: int = MISSING
     block_length: int = MISSING
     steps: int = MISSING
+    # rollout temperature of the Gumbel-max proposal (evaluation is always greedy)
     temperature: float = 1.0
+    # which proposals are committed first: low_confidence (most probable), random, entropy (lowest entropy), margin
+    # (top1 - top2)
     remasking: Remasking = Remasking.low_confidence
+    # precision of the Gumbel noise
     noise_dtype: NoiseDtype = NoiseDtype.float64
+    # key/value cache: none (the reference), prefix (Fast-dLLM PrefixCache), dual (DualCache); docs/samplers.md, "KV
+    # caches"
     cache: SamplerCache = SamplerCache.none
+    # confidence-threshold parallel decoding: commit every masked block position with p >= threshold (null: the fixed
+    # schedule)
     threshold: float | None = None
+    # with a threshold: at most this many tokens per step and row (null: no cap)
     max_tokens_per_step: int | None = None
+    # what confidences are measured under: full (softmax over the whole vocabulary, mask token included: LLaDA's
+    # generate) or renormalized (mask token excluded first: p(x) / (1 - p(mask))); docs/RESULTS.md
     confidence: SamplerConfidence = SamplerConfidence.full
 
     @classmethod

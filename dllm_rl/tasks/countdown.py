@@ -469,28 +469,45 @@ _GENERATOR_FIELDS = (
 @dataclasses.dataclass
 class CountdownTaskCfg(TaskCfg):
     """``task=countdown``: the generator's, the data sources' and the reward's options
-    (conf/task/countdown.yaml comments each)."""
+    (a comment above each field)."""
 
+    # registry name
     name: str = "countdown"
+    # supervised masked-diffusion steps of the tiny model's base (warmstart.steps follows it): 100 left it at 0 % test
+    # accuracy, 400 gives an imperfect base (about 16 %) that RL can improve
     warmstart_steps: int = 400
     completion_length: int = 16
     block_length: int = 16
     diffusion_steps: int = 8
+    # held-out training-side instances (checkpoint selection, never the test split; d1 holds out 500)
     validation_size: int = 500
+    # generated training instances
     train_size: int = 20000
+    # generated test instances (the public test file has 256)
     test_size: int = 256
+    # smallest number drawn
     number_min: int = 1
+    # largest number drawn
     number_max: int = 100
+    # smallest target accepted
     target_min: int = 1
+    # largest target accepted
     target_max: int = 100
     # share of instances that are additive / need * / need / (docs/tasks.md, "Countdown")
     class_mix: list[float] = dataclasses.field(default_factory=lambda: [0.895, 0.039, 0.066])
+    # fixed: exact arithmetic grammar; reference: d1's lexical number check and eval semantics
     reward_mode: str = "fixed"
+    # hub data set for training instead of the generator, e.g. Jiayi-Pan/Countdown-Tasks-3to4 (3-number rows kept)
     train_hub_id: str | None = None
+    # its config name
     train_hub_config: str | None = None
+    # its split
     train_hub_split: str = "train"
+    # optional training file: JSONL rows {"nums": [..], "target": T} (or the test file's shape)
     train_file: str | None = None
+    # optional validation file (default: generated, or carved from train_file / the hub data)
     validation_file: str | None = None
+    # optional test file, e.g. d1's countdown_cd3_test.jsonl ({"input": "30,100,93", "output": "23"})
     test_file: str | None = None
 
     @classmethod

@@ -423,12 +423,17 @@ def gsm8k_row_problem(row: Mapping[str, Any]) -> str | None:
 
 @dataclasses.dataclass
 class GSM8KTaskCfg(HubTaskCfg):
-    """``task=gsm8k`` (conf/task/gsm8k.yaml comments each option)."""
+    """``task=gsm8k`` (a comment above each field; the rest are HubTaskCfg's)."""
 
+    # registry name
     name: str = "gsm8k"
+    # hub data set of the training split (used when train_file is null)
     train_hub_id: str | None = "openai/gsm8k"
+    # its configuration
     train_hub_config: str | None = "main"
+    # hub data set of the test split (used when test_file is null)
     test_hub_id: str | None = "openai/gsm8k"
+    # its configuration
     test_hub_config: str | None = "main"
     # xml: the five-function d1 reward; boxed: GDSD's single exact-match reward (docs/tasks.md)
     variant: str = "xml"

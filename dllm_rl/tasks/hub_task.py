@@ -47,19 +47,31 @@ class HubTaskCfg(TaskCfg):
 
     prompt_styles: ClassVar[tuple[str, ...]] = ("chat",)
 
+    # L: tokens per rollout completion
     completion_length: int = 256
+    # B: tokens per decoding block
     block_length: int = 32
+    # T: denoising steps per completion
     diffusion_steps: int = 128
+    # user messages for the tokenizer's chat template (the only style GSM8K has)
     prompt_style: str = "chat"
+    # fixed: corrected format, int and correctness parts; reference: d1's, bug for bug (comparable reward curves)
     reward_mode: str = "fixed"
     train_hub_id: str | None = None
+    # its configuration
     train_hub_config: str | None = None
+    # its split
     train_hub_split: str = "train"
     test_hub_id: str | None = None
+    # its configuration
     test_hub_config: str | None = None
+    # its split
     test_hub_split: str = "test"
+    # local training rows with question and answer (JSONL, JSON, parquet, arrow, CSV or a save_to_disk folder)
     train_file: str | None = None
+    # local validation rows (default: carved from the training rows)
     validation_file: str | None = None
+    # local test rows with question and answer
     test_file: str | None = None
 
     @classmethod

@@ -459,10 +459,13 @@ def math500_metrics(
 
 @dataclasses.dataclass
 class Math500TaskCfg(HubTaskCfg):
-    """``task=math500`` (conf/task/math500.yaml comments each option)."""
+    """``task=math500`` (a comment above each field; the rest are HubTaskCfg's)."""
 
+    # registry name
     name: str = "math500"
+    # hub data set of the training split (used when train_file is null): MATH train minus the MATH-500 problems
     train_hub_id: str | None = "ankner/math-500"
+    # hub data set of the test split (used when test_file is null)
     test_hub_id: str | None = "HuggingFaceH4/MATH-500"
     # hendrycks: normalised string match (d1); math_verify: symbolic equivalence (GDSD)
     verifier: str = "hendrycks"

@@ -114,24 +114,38 @@ def sanity_metrics(completions: Sequence[str], answers: Sequence[str]) -> dict[s
 
 @dataclasses.dataclass
 class SanityTaskCfg(TaskCfg):
-    """``task=sanity``: k digits in, k digits out by a fixed per-position rule (conf/task/sanity.yaml comments
-    each option)."""
+    """``task=sanity``: k digits in, k digits out by a fixed per-position rule (a comment above each field)."""
 
     prompt_styles: ClassVar[tuple[str, ...]] = ("compact",)
 
+    # registry name
     name: str = "sanity"
     completion_length: int = 5
     block_length: int = 5
     diffusion_steps: int = 5
+    # held-out prompts disjoint from train and test (checkpoint selection, never the test split)
     validation_size: int = 64
+    # supervised masked-diffusion steps of the tiny model's base (warmstart.steps follows it): 300 make it copy the
+    # prompt reliably (100 left it half-formed); a few seconds, cached
     warmstart_steps: int = 300
+    # the rule RL must find: succ (d_i + 1) | add_index (d_i + i + 1) | mirror (radix - 1 - d_i) | copy (d_i), all
+    # modulo radix; upper (d_i + radix, radix <= 5) writes outside the prompt digits
     rule: str = "succ"
+    # prompt digits are 0..radix-1 (2..10). 4, not 10: with 10 digits SPG reached only 0.67 after 20 rounds (2 would be
+    # 1 bit a digit: a constant answer scores 0.5 and RL collapsed onto it; docs/RESULTS.md)
     radix: int = 4
+    # fewest digits in a prompt (k)
     length_min: int = 5
+    # most digits in a prompt (4^5 = 1024 distinct prompts; at most half of them are drawn)
     length_max: int = 5
+    # the rule the warm-started base learns instead of task.rule (any rule name; copy: the prompt itself)
     warmstart_rule: str = "copy"
+    # share of the base's target digits replaced by uniform digits 0..radix-1: the base keeps 0.6 / radix = 0.15
+    # probability on the right digit to explore, and copy stays its greedy choice (1.0: random digits, the format only)
     warmstart_noise: float = 0.6
+    # generated training prompts (the warm-start's data and the RL prompt stream)
     train_size: int = 384
+    # test prompts (disjoint from train and validation; generated first, from their own stream)
     test_size: int = 64
 
     @classmethod

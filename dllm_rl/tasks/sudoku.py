@@ -349,24 +349,38 @@ _GENERATOR_FIELDS = (
 
 @dataclasses.dataclass
 class SudokuTaskCfg(TaskCfg):
-    """``task=sudoku``: the generator's and the reward's options (conf/task/sudoku.yaml comments each)."""
+    """``task=sudoku``: the generator's and the reward's options (a comment above each field)."""
 
+    # registry name
     name: str = "sudoku"
     completion_length: int = 16
     block_length: int = 16
     diffusion_steps: int = 8
+    # leak_free: train and test solution grids disjoint; d1: shared grids (not leak-free, parity only)
     split: str = "leak_free"
+    # solution grids on the training side (of 288); the rest are test grids
     train_grids: int = 200
+    # generated training puzzles
     train_size: int = 20000
+    # test puzzles (exactly test_blanks blanks each)
     test_size: int = 256
+    # fewest blanks in a training puzzle
     blanks_min: int = 6
+    # most blanks in a training puzzle
     blanks_max: int = 10
+    # blanks in every test puzzle (8, as in the d1 test set)
     test_blanks: int = 8
+    # keep only puzzles with exactly one completion
     require_unique: bool = False
+    # reward 1.0 for any valid grid consistent with the givens (not only the stored solution)
     credit_alternative_solutions: bool = True
+    # chat style: worked examples before the question (3: SPG's 3-shot prompt; 0: zero-shot, d1)
     few_shot: int = 3
+    # optional CSV (Puzzle,Solution) or JSONL (puzzle,solution) files replacing the generator
     train_file: str | None = None
+    # optional validation file (default: carved from the training side)
     validation_file: str | None = None
+    # optional test file
     test_file: str | None = None
 
     @classmethod
