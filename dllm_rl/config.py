@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dllm_rl.errors import ConfigError
 from dllm_rl.zero3 import ZERO3_PARAMS
@@ -804,6 +805,23 @@ def task_file_errors(task: Any) -> list[str]:
         if value is not None and not Path(os.path.expanduser(str(value))).exists():
             errors.append(f"task.{key}={value}: no such file or directory")
     return errors
+
+
+T = TypeVar("T")
+
+
+def typed(schema: type[T], node: Any, where: str) -> T:
+    """A component's section as its schema's dataclass: ``node`` (a plain mapping, as workers load it, a
+    DictConfig, or already a ``schema`` instance) merged onto the schema, so that absent keys take the
+    schema's defaults and every value has its declared type (enums as members, floats as floats).
+    A key the schema lacks or a value it cannot take is a ConfigError naming ``where``."""
+    if isinstance(node, schema):
+        return node
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key, message = getattr(exc, "full_key", None), getattr(exc, "msg", None) or str(exc)
+        raise ConfigError(f"{where}.{key}: {' '.join(message.split())}" if key else f"{where}: {message}") from None
 
 
 def option(node: Any, key: str) -> Any:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from exact import cfg, exact_elbo, random_table, subset_index
 
+from dllm_rl.errors import ConfigError
 from dllm_rl.likelihood import mask_seed, sample_masks
 from dllm_rl.likelihood.masks import Stratum
 
@@ -152,12 +153,15 @@ def test_mask_seed_is_stable_and_sensitive():
 
 def test_unknown_schedule_settings_are_rejected():
     valid, pvalid = torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)
-    with pytest.raises(ValueError, match="kind"):
+    # The schedule is read through its schema (MaskCfg): a value outside an enum is a config error naming it.
+    with pytest.raises(ConfigError, match=r"objective\.mask\.kind: Invalid value 'blockwise_typo'"):
         sample_masks(cfg(kind="blockwise_typo"), valid, pvalid, 2, [0])
-    with pytest.raises(ValueError, match="count_mode"):
+    with pytest.raises(ConfigError, match=r"objective\.mask\.count_mode: Invalid value 'poisson'"):
         sample_masks(cfg(count_mode="poisson"), valid, pvalid, 2, [0])
-    with pytest.raises(ValueError, match="weight"):
+    with pytest.raises(ConfigError, match=r"objective\.mask\.weight: Invalid value 'inv_t_squared'"):
         sample_masks(cfg(weight="inv_t_squared"), valid, pvalid, 2, [0])
+    with pytest.raises(ConfigError, match=r"objective\.mask\.t_mn: Key 't_mn' not in 'MaskCfg'"):
+        sample_masks({**cfg(), "t_mn": 0.2}, valid, pvalid, 2, [0])
 
 
 # ------------------------------------------------------------------- coupled, stratified, blockwise, full

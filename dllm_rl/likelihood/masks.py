@@ -49,13 +49,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dllm_rl.config import MaskKind, MaskWeight
+from dllm_rl.config import BlockChoice, CountMode, FutureBlocks, MaskCfg, MaskKind, MaskScope, MaskWeight, typed
 from dllm_rl.lazy import lazy_import
 
 torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
-
-KINDS = tuple(k.value for k in MaskKind)
-WEIGHTS = tuple(w.value for w in MaskWeight)
 
 
 def mask_seed(*parts: int | str) -> int:
@@ -99,30 +96,21 @@ class Stratum:
     size: int
 
 
-def _value(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    value = cfg.get(key, default)
-    return getattr(value, "value", value)  # Enum members from typed configs, plain strings otherwise
-
-
 def _choose(scores: torch.Tensor, eligible: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """[C, L] bool: for copy c, ``counts[c]`` positions of ``eligible`` chosen uniformly (lowest scores)."""
     ranked = scores.masked_fill(~eligible, math.inf).argsort(dim=1).argsort(dim=1)
     return (ranked < counts.unsqueeze(1)) & eligible
 
 
-def _random_copies(cfg: Mapping[str, Any], g: torch.Generator, scope: torch.Tensor, copies: int):
+def _random_copies(cfg: MaskCfg, g: torch.Generator, scope: torch.Tensor, copies: int):
     """(scored [C, L], t [C]) for the ``random`` kind."""
-    t_min, t_max = float(cfg["t_min"]), float(cfg["t_max"])
-    t = t_min + (t_max - t_min) * torch.rand(copies, generator=g)
+    t = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(copies, generator=g)
     scores = torch.rand(copies, scope.numel(), generator=g)
-    mode = _value(cfg, "count_mode")
-    if mode == "exact":
+    if cfg.count_mode is CountMode.exact:
         d = int(scope.sum())
         counts = torch.clamp(torch.ceil(t * d), min=1, max=max(d, 1)).long()
         return _choose(scores, scope.expand(copies, -1), counts), t
-    if mode == "bernoulli":
-        return (scores < t.unsqueeze(1)) & scope, t
-    raise ValueError(f"objective.mask.count_mode={mode!r} is not implemented (exact, bernoulli)")
+    return (scores < t.unsqueeze(1)) & scope, t  # CountMode.bernoulli
 
 
 def _stratified_copies(g: torch.Generator, scope: torch.Tensor, copies: int, stratum: Stratum, offsets: torch.Tensor):
@@ -133,25 +121,21 @@ def _stratified_copies(g: torch.Generator, scope: torch.Tensor, copies: int, str
     return _choose(scores, scope.expand(copies, -1), counts), counts.float() / (d + 1)
 
 
-def _pick_blocks(cfg: Mapping[str, Any], g: torch.Generator, eligible: list[int], n_blocks: int, copies: int):
-    rule = _value(cfg, "block_choice", "uniform_distinct")
-    if rule == "uniform_distinct":
+def _pick_blocks(cfg: MaskCfg, g: torch.Generator, eligible: list[int], n_blocks: int, copies: int):
+    if cfg.block_choice is BlockChoice.uniform_distinct:
         if len(eligible) >= copies:
             order = torch.randperm(len(eligible), generator=g)[:copies]
         else:
             order = torch.randint(len(eligible), (copies,), generator=g)
         return [eligible[int(i)] for i in order]
-    if rule == "reference_modulo":
-        perm = torch.randperm(n_blocks, generator=g)
-        picks = [eligible[int(perm[c % n_blocks]) % len(eligible)] for c in range(copies)]
-        return picks
-    raise ValueError(f"objective.mask.block_choice={rule!r} is not implemented (uniform_distinct, reference_modulo)")
+    perm = torch.randperm(n_blocks, generator=g)  # BlockChoice.reference_modulo
+    return [eligible[int(perm[c % n_blocks]) % len(eligible)] for c in range(copies)]
 
 
-def _blockwise_copies(cfg: Mapping[str, Any], g: torch.Generator, valid: torch.Tensor, copies: int, p_prompt: float):
+def _blockwise_copies(cfg: MaskCfg, g: torch.Generator, valid: torch.Tensor, copies: int, p_prompt: float):
     """(input [C, L], scored [C, L], denominators [C], earlier-than-block [C, L] for prompt noise)."""
     length = valid.numel()
-    block_len = int(cfg["block_len"])
+    block_len = cfg.block_len
     n_blocks = math.ceil(length / block_len)
     eligible = [b for b in range(n_blocks) if bool(valid[b * block_len : (b + 1) * block_len].any())]
     masked = torch.zeros(copies, length, dtype=torch.bool)
@@ -159,8 +143,8 @@ def _blockwise_copies(cfg: Mapping[str, Any], g: torch.Generator, valid: torch.T
     denominators = torch.zeros(copies)
     if not eligible:
         return masked, scored, denominators
-    include = _value(cfg, "future_blocks", "include") == "include"
-    t_min, t_max = float(cfg["t_min"]), float(cfg["t_max"])
+    include = cfg.future_blocks is FutureBlocks.include
+    t_min, t_max = cfg.t_min, cfg.t_max
     position = torch.arange(length)
     for c, b in enumerate(_pick_blocks(cfg, g, eligible, n_blocks, copies)):
         lo, hi = b * block_len, min((b + 1) * block_len, length)
@@ -180,7 +164,7 @@ def _blockwise_copies(cfg: Mapping[str, Any], g: torch.Generator, valid: torch.T
 
 
 def sample_masks(
-    cfg: Mapping[str, Any],
+    cfg: MaskCfg | Mapping[str, Any],
     completion_valid: torch.Tensor,
     prompt_valid: torch.Tensor,
     replicates: int,
@@ -191,23 +175,19 @@ def sample_masks(
 
     completion_valid [N, L] marks valid positions v_i (up to and including the first EOS);
     prompt_valid [N, P] marks real (non-padding) prompt tokens. ``strata`` (one per row) is needed by
-    the ``stratified`` kind.
+    the ``stratified`` kind. ``cfg`` is the schedule (a MaskCfg, or a mapping of its keys, absent ones taking
+    the schema's defaults).
     """
-    kind = _value(cfg, "kind")
-    if kind not in KINDS:
-        raise ValueError(f"objective.mask.kind={kind!r} is not implemented ({', '.join(KINDS)})")
-    weight_kind = _value(cfg, "weight")
-    if weight_kind not in WEIGHTS:
-        raise ValueError(f"objective.mask.weight={weight_kind!r} is not implemented ({', '.join(WEIGHTS)})")
-    coupled = bool(cfg.get("coupled", False))
-    if coupled and kind not in ("random", "stratified"):
-        raise ValueError(f"objective.mask.coupled=true needs kind random or stratified, not {kind!r}")
+    cfg = typed(MaskCfg, cfg, "objective.mask")
+    kind, weight_kind, coupled = cfg.kind, cfg.weight, cfg.coupled
+    if coupled and kind not in (MaskKind.random, MaskKind.stratified):
+        raise ValueError(f"objective.mask.coupled=true needs kind random or stratified, not {kind.value!r}")
     if coupled and replicates % 2:
         raise ValueError(f"coupled masks come in pairs: the number of copies ({replicates}) must be even")
-    if kind == "stratified" and (strata is None or len(strata) != len(seeds)):
+    if kind is MaskKind.stratified and (strata is None or len(strata) != len(seeds)):
         raise ValueError("objective.mask.kind=stratified needs one Stratum per row")
-    scope_all = _value(cfg, "scope", "valid") == "all"
-    p_prompt = float(cfg["prompt_mask_prob"])
+    scope_all = cfg.scope is MaskScope.all
+    p_prompt = cfg.prompt_mask_prob
     base = replicates // 2 if coupled else replicates
 
     n_rows, length = completion_valid.shape
@@ -224,13 +204,13 @@ def sample_masks(
         valid = valid_cpu[n]
         scope = torch.ones_like(valid) if scope_all else valid
         d = float(scope.sum())
-        if kind == "blockwise":
+        if kind is MaskKind.blockwise:
             masked_n, scored_n, denominators[n] = _blockwise_copies(cfg, g, valid, base, p_prompt)
             t_all[n] = scored_n.sum(dim=1) / denominators[n].clamp_min(1.0)
         else:
-            if kind == "full":
+            if kind is MaskKind.full:
                 scored_n, t = scope.expand(base, -1).clone(), torch.ones(base)
-            elif kind == "random":
+            elif kind is MaskKind.random:
                 scored_n, t = _random_copies(cfg, g, scope, base)
             else:
                 stratum = strata[n]  # type: ignore[index]
@@ -240,9 +220,9 @@ def sample_masks(
             if coupled:
                 complement = scope & ~scored_n
                 scored_n = torch.stack([scored_n, complement], dim=1).reshape(replicates, length)
-                t_comp = 1.0 - t if kind == "random" else complement.sum(dim=1).float() / (d + 1)
+                t_comp = 1.0 - t if kind is MaskKind.random else complement.sum(dim=1).float() / (d + 1)
                 t = torch.stack([t, t_comp], dim=1).reshape(replicates)
-            if kind == "full":
+            if kind is MaskKind.full:
                 masked_n = torch.ones_like(scored_n)
             else:  # out-of-scope (post-EOS) positions are masked in the input, never scored
                 masked_n = scored_n | ~scope
@@ -254,15 +234,15 @@ def sample_masks(
             prompt[n] = noise.repeat_interleave(2, dim=0) if coupled else noise
 
     counts = scored.sum(dim=2).float()
-    if weight_kind == "inv_t_sampled":
+    if weight_kind is MaskWeight.inv_t_sampled:
         weight = 1.0 / t_all.clamp_min(1e-12)
-    elif weight_kind == "inv_t_empirical":
+    elif weight_kind is MaskWeight.inv_t_empirical:
         weight = denominators / counts.clamp_min(1.0)
-    elif weight_kind == "inv_count":
+    elif weight_kind is MaskWeight.inv_count:
         weight = 1.0 / counts.clamp_min(1.0)
-    elif weight_kind == "tlc":
+    elif weight_kind is MaskWeight.tlc:
         weight = (denominators + 1.0) / counts.clamp_min(1.0)
-    else:
+    else:  # MaskWeight.none
         weight = torch.ones_like(counts)
     weight = torch.where(counts > 0, weight, torch.zeros_like(weight))
     device = completion_valid.device

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from dllm_rl.config import ObjectiveCfg, option, register_schema
+from dllm_rl.config import MaskCfg, MaskKind, ObjectiveCfg, StratifyOver, option, register_schema, typed
 from dllm_rl.errors import ConfigError
 from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.bounds import masked_logp
@@ -72,9 +72,14 @@ class Objective(abc.ABC):
     """
 
     name: str = ""
+    schema: type[ObjectiveCfg] = ObjectiveCfg  # the section's schema (register_objective sets it)
 
-    def __init__(self, cfg: Mapping[str, Any], seed: int, group_size: int, micro_batch: int) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Mapping[str, Any] | ObjectiveCfg, seed: int, group_size: int, micro_batch: int) -> None:
+        # The section as its schema's dataclass: defaults filled in, every value of its declared type (a
+        # subclass used without registering it, e.g. in a test, takes its class name).
+        if isinstance(cfg, Mapping) and "name" not in cfg:
+            cfg = {**cfg, "name": self.name or type(self).__name__}
+        self.cfg: Any = typed(self.schema, cfg, "objective")
         self.seed = seed
         self.group_size = group_size  # G: completions per prompt (consecutive rows of a batch)
         self.micro_batch = micro_batch  # rows per gradient micro-batch (fixed slices of the rollout batch)
@@ -113,7 +118,7 @@ class Objective(abc.ABC):
         model = getattr(policy, "model", None)
         if not isinstance(model, torch.nn.Module):
             return True
-        return not dropout_active(model, training=bool(self.cfg.get("loss_forward_dropout", True)))
+        return not dropout_active(model, training=self.cfg.loss_forward_dropout)
 
     def old_scores(
         self,
@@ -148,7 +153,7 @@ class Objective(abc.ABC):
             batch.completion_ids,
             masks,
             mask_id,
-            chunk_rows=int(self.cfg.get("forward_chunk", 0)),
+            chunk_rows=self.cfg.forward_chunk,
             position_weight=batch.position_weight,
         )
 
@@ -158,7 +163,7 @@ class Objective(abc.ABC):
         inner_step: int,
         replicates: int,
         slot: int | str = "",
-        mask_cfg: Mapping[str, Any] | None = None,
+        mask_cfg: MaskCfg | None = None,
     ) -> MaskDraw:
         """Masks for these rows: one generator per sample seeded by (seed, round, inner step, slot, uid).
 
@@ -167,13 +172,12 @@ class Objective(abc.ABC):
         reference and current policies. Stratified schedules share an offset over a stratum of rows:
         a fixed slice of uids (the micro-batch, or the prompt group).
         """
-        cfg = self.cfg["mask"] if mask_cfg is None else mask_cfg
+        cfg = self.cfg.mask if mask_cfg is None else mask_cfg
         uids = batch.sample_uid.tolist()
         seeds = [mask_seed(self.seed, batch.round, inner_step, slot, int(u)) for u in uids]
         strata = None
-        if getattr(cfg["kind"], "value", cfg["kind"]) == "stratified":
-            over = getattr(cfg["stratify_over"], "value", cfg["stratify_over"])
-            size = self.group_size if over == "group" else self.micro_batch
+        if cfg.kind is MaskKind.stratified:
+            size = self.group_size if cfg.stratify_over is StratifyOver.group else self.micro_batch
             strata = [
                 Stratum(mask_seed(self.seed, batch.round, inner_step, slot, "stratum", u // size), u % size, size)
                 for u in uids
@@ -272,6 +276,7 @@ def register_objective(name: str, config: type[ObjectiveCfg]) -> Callable[[type[
 
     def wrap(cls: type[Objective]) -> type[Objective]:
         cls.name = name
+        cls.schema = config
         OBJECTIVES[name] = cls
         register_schema("objective", name, config)
         return cls

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dllm_rl.config import option
 from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.masks import concat_draws
 from dllm_rl.objectives.base import (
@@ -60,10 +59,10 @@ class DiffuGRPOCfg(OneStepCfg):
 class DiffuGRPOObjective(Objective):
     @property
     def needs_reference(self) -> bool:
-        return float(self.cfg["beta"]) > 0
+        return self.cfg.beta > 0
 
     def prepare(self, batch: RolloutBatch, policy: Any) -> None:
-        mu = int(self.cfg["inner_iterations"])
+        mu = self.cfg.inner_iterations
         draws = [self.draw_masks(batch, k, 1) for k in range(mu)]  # one copy per step
         masks = concat_draws(draws)  # [N, μ, L]
         with policy.scoring():
@@ -86,7 +85,7 @@ class DiffuGRPOObjective(Objective):
             policy,
             lambda: self.logp(policy.logits, batch, masks, policy.mask_id)[:, 0],
         )
-        eps, beta = float(self.cfg["epsilon"]), float(self.cfg["beta"])
+        eps, beta = self.cfg.epsilon, self.cfg.beta
         a = batch.advantages.to(phi.dtype)[:, None]
         ratio = torch.exp(phi - phi_old)
         surrogate = torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
@@ -99,7 +98,7 @@ class DiffuGRPOObjective(Objective):
             metrics["kl_k3_per_token"] = float((kl.detach() * v).sum() / v.sum().clamp_min(1))
         seq_sum, bad = finite_or_zero((per_token * v).sum(dim=1))
         lengths = v.sum(dim=1).clamp_min(1)
-        if option(self.cfg, "loss_norm") == "per_sequence":
+        if self.cfg.loss_norm.value == "per_sequence":
             loss = (seq_sum / lengths).mean()
         else:
             loss = seq_sum.sum() / lengths.sum()

@@ -164,23 +164,21 @@ class DMPOObjective(Objective):
         return True
 
     def prepare(self, batch: RolloutBatch, policy: Any) -> None:
-        masks = self.draw_masks(
-            batch, -1, int(self.cfg["rollout_mc_samples"]), slot="rollout", mask_cfg=self.cfg["rollout_mask"]
-        )
+        masks = self.draw_masks(batch, -1, self.cfg.rollout_mc_samples, slot="rollout", mask_cfg=self.cfg.rollout_mask)
         with policy.scoring():
             e_cur = elbo(self.logp(policy.logits, batch, masks, policy.mask_id), masks.scored, masks.weight)
             e_ref = elbo(self.logp(policy.reference_logits, batch, masks, policy.mask_id), masks.scored, masks.weight)
         ell = (e_ref - e_cur).float().cpu()
-        alpha = float(self.cfg["alpha"])
+        alpha = self.cfg.alpha
         out = signed_weights(
             ell,
             batch.rewards,
             self.group_size,
             alpha,
-            float(self.cfg["coeff"]),
-            option(self.cfg, "baseline"),
-            float(self.cfg["centering_strength"]),
-            float(self.cfg["ess_target"]) if self.cfg["ada_coeff"] else None,
+            self.cfg.coeff,
+            self.cfg.baseline.value,
+            self.cfg.centering_strength,
+            self.cfg.ess_target if self.cfg.ada_coeff else None,
         )
         device = batch.completion_ids.device
         batch.extras.update({k: out[k].to(device) for k in ("a", "w_plus", "w_minus")})
@@ -201,15 +199,15 @@ class DMPOObjective(Objective):
         self.round_stats = dict(state.get("round_stats", {}))
 
     def loss(self, batch: RolloutBatch, policy: Any, inner_step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        copies = int(self.cfg["mc_samples"])
+        copies = self.cfg.mc_samples
         masks = self.draw_masks(batch, inner_step, copies)
         logp = self.logp(policy.logits, batch, masks, policy.mask_id)
         a = batch.extras["a"].to(logp.dtype)
         metrics: dict[str, Any] = {**self.round_stats, "num_seqs": len(batch)}
-        if option(self.cfg, "loss") == "wdce":
+        if self.cfg.loss.value == "wdce":
             dce, bad = finite_or_zero(-elbo(logp, masks.scored, masks.weight))  # (1/R) Σ_r (1/m) Σ_l CE
             per_seq = a * dce
-            if option(self.cfg, "loss_reduction") == "mean_over_groups":
+            if self.cfg.loss_reduction.value == "mean_over_groups":
                 loss = per_seq.sum() / max(1.0, len(batch) / self.group_size)
             else:
                 loss = per_seq.sum()
@@ -225,7 +223,7 @@ class DMPOObjective(Objective):
             d1, bad1 = finite_or_zero(e1 - e_cur)
             d2, bad2 = finite_or_zero(e2 - e_cur)
             bad = max(bad1, bad2)
-            beta_d, alpha_d = float(self.cfg["wddo_beta"]), float(self.cfg["wddo_alpha"])
+            beta_d, alpha_d = self.cfg.wddo_beta, self.cfg.wddo_alpha
             w_plus = batch.extras["w_plus"].to(logp.dtype)
             loss = (
                 -(w_plus * torch.nn.functional.logsigmoid(beta_d * d1)).mean()
@@ -237,7 +235,7 @@ class DMPOObjective(Objective):
 
     def _elbo_scale(self, batch: RolloutBatch, scored: torch.Tensor) -> torch.Tensor:
         """Copy weights D/(scored count): the wddo halves need ELBOs on the rollout-time Ê_cur's scale."""
-        if option(self.cfg["mask"], "scope") == "all":
+        if self.cfg.mask.scope.value == "all":
             d = torch.full((len(batch),), float(scored.shape[-1]), device=scored.device)
         else:
             d = batch.completion_mask.sum(dim=1).float()

@@ -23,13 +23,14 @@ most of the signal comes from the first inner step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from dllm_rl.config import ObjectiveCfg, option
+from dllm_rl.config import MaskWeight, ObjectiveCfg, option
 from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.bounds import coupled_score
 from dllm_rl.likelihood.masks import MaskDraw, concat_draws
@@ -108,22 +109,23 @@ class GDSDCfg(ObjectiveCfg):
 class GDSDObjective(Objective):
     @property
     def needs_reference(self) -> bool:
-        return float(self.cfg["beta"]) > 0
+        return self.cfg.beta > 0
 
     def advantages(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         return leave_one_out_advantages(rewards, group_size)
 
     def _masks(self, batch: RolloutBatch, inner_step: int) -> MaskDraw:
         """The M coupled pairs of step k, seeded per (k, slot m); identical in prepare and in loss."""
-        mask_cfg = {**self.cfg["mask"], "weight": "tlc" if option(self.cfg, "score") == "tlc" else "none"}
-        pairs = int(self.cfg["mc_pairs"])
+        weight = MaskWeight.tlc if self.cfg.score.value == "tlc" else MaskWeight.none
+        mask_cfg = dataclasses.replace(self.cfg.mask, weight=weight)
+        pairs = self.cfg.mc_pairs
         return concat_draws([self.draw_masks(batch, inner_step, 2, slot=m, mask_cfg=mask_cfg) for m in range(pairs)])
 
     def _scores(self, logits_fn: Any, batch: RolloutBatch, masks: MaskDraw, mask_id: int) -> torch.Tensor:
         return coupled_score(self.logp(logits_fn, batch, masks, mask_id), masks.scored, masks.weight)  # [N, M]
 
     def prepare(self, batch: RolloutBatch, policy: Any) -> None:
-        mu, pairs = int(self.cfg["inner_iterations"]), int(self.cfg["mc_pairs"])
+        mu, pairs = self.cfg.inner_iterations, self.cfg.mc_pairs
         draws = [self._masks(batch, k) for k in range(mu)]
         masks = concat_draws(draws)  # all μ·M pairs in one forward
         with policy.scoring():
@@ -151,11 +153,11 @@ class GDSDObjective(Objective):
             lambda: self._scores(policy.logits, batch, masks, policy.mask_id),
         )
         length = batch.completion_ids.shape[1]
-        psi, beta, eps = float(self.cfg["psi"]), float(self.cfg["beta"]), float(self.cfg["epsilon"])
+        psi, beta, eps = self.cfg.psi, self.cfg.beta, self.cfg.epsilon
         lo, hi = math.log(1 - eps), math.log(1 + eps)
         a = batch.advantages.to(s_theta.dtype)[:, None]
         log_ratio = s_theta - s_old
-        clamp_on = option(self.cfg, "clamp_on")
+        clamp_on = self.cfg.clamp_on.value
         if clamp_on == "sum":
             delta = log_ratio.clamp(lo, hi) / length
             at_bound = (log_ratio <= lo) | (log_ratio >= hi)
@@ -166,7 +168,7 @@ class GDSDObjective(Objective):
             delta = log_ratio / length
             at_bound = torch.zeros_like(log_ratio, dtype=torch.bool)
         regression = (delta - psi * a) ** 2
-        regression = regression.mean(dim=1) if option(self.cfg, "mc_reduction") == "mean" else regression.sum(dim=1)
+        regression = regression.mean(dim=1) if self.cfg.mc_reduction.value == "mean" else regression.sum(dim=1)
         per_seq = regression
         metrics: dict[str, Any] = {}
         if beta > 0:

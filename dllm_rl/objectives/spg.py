@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from dllm_rl.config import ObjectiveCfg, option
+from dllm_rl.config import ObjectiveCfg
 from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.bounds import elbo, eubo, mixture
 from dllm_rl.likelihood.masks import concat_draws
@@ -105,7 +105,7 @@ class SPGCfg(ELBOCfg):
 @register_objective("spg", config=SPGCfg)
 class SPGObjective(Objective):
     def negative_surrogate(self) -> str:
-        return option(self.cfg, "negative_surrogate")
+        return self.cfg.negative_surrogate.value
 
     def prepare(self, batch: RolloutBatch, policy: Any) -> None:
         self._first_elbo: dict[int, float] = {}
@@ -118,11 +118,11 @@ class SPGObjective(Objective):
         self._first_elbo = {int(k): float(v) for k, v in state.get("first_elbo", {}).items()}
 
     def loss(self, batch: RolloutBatch, policy: Any, inner_step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        m = int(self.cfg["mc_samples"])
+        m = self.cfg.mc_samples
         masks = self.draw_masks(batch, inner_step, m)
         surrogate = self.negative_surrogate()
         needs_eubo = surrogate in ("eubo", "mix")
-        eubo_copies = self.cfg.get("eubo_mc_samples") or m
+        eubo_copies = (self.cfg.eubo_mc_samples or m) if needs_eubo else m  # ELBOCfg has no EUBO keys
         # The EUBO's extra copies come from their own slot, so the ELBO's m copies are those drawn
         # without them (block-wise copies stay on distinct blocks).
         every = masks
@@ -134,17 +134,17 @@ class SPGObjective(Objective):
         v_pos = elbo(logp[:, :m], masks.scored, masks.weight)
         v_eubo = None
         if needs_eubo:
-            v_eubo = eubo(logp, every.scored, every.weight, float(self.cfg["beta"]), lengths)
+            v_eubo = eubo(logp, every.scored, every.weight, self.cfg.beta, lengths)
         if surrogate == "eubo":
             v_neg = v_eubo
         elif surrogate == "mix":
-            v_neg = mixture(v_eubo, v_pos, float(self.cfg["omega"]))
+            v_neg = mixture(v_eubo, v_pos, self.cfg.omega)
         elif surrogate == "elbo":
             v_neg = v_pos
         else:
             v_neg = torch.zeros_like(v_pos)
         v, bad = finite_or_zero(torch.where(a > 0, v_pos, v_neg))
-        if option(self.cfg, "loss_norm") == "per_sequence":
+        if self.cfg.loss_norm.value == "per_sequence":
             loss = (-a * v).mean()
         else:
             loss = (-a * v).sum() / lengths.sum()
@@ -171,7 +171,7 @@ class SPGObjective(Objective):
 
     def _track_drift(self, batch: RolloutBatch, per_token: torch.Tensor, inner_step: int, metrics: dict) -> None:
         """Per-token ELBO change of the same samples between inner steps 1 and μ (fresh masks each time)."""
-        mu = int(self.cfg["inner_iterations"])
+        mu = self.cfg.inner_iterations
         if mu < 2:
             return
         uids = batch.sample_uid.tolist()

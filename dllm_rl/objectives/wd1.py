@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from dllm_rl.config import option
 from dllm_rl.lazy import lazy_import
 from dllm_rl.objectives.base import Objective, OneStepCfg, RolloutBatch, finite_or_zero, register_objective
 
@@ -44,7 +43,7 @@ class WD1Cfg(OneStepCfg):
 @register_objective("wd1", config=WD1Cfg)
 class WD1Objective(Objective):
     def prepare(self, batch: RolloutBatch, policy: Any) -> None:
-        psi = float(self.cfg["psi"])
+        psi = self.cfg.psi
         a = batch.advantages.float().view(-1, self.group_size)
         batch.extras["w_plus"] = torch.softmax(psi * a, dim=1).reshape(-1)
         batch.extras["w_minus"] = torch.softmax(-psi * a, dim=1).reshape(-1)
@@ -55,7 +54,7 @@ class WD1Objective(Objective):
         ell, bad = finite_or_zero(phi.sum(dim=1))
         w_plus = batch.extras["w_plus"].to(ell.dtype)
         w_minus = batch.extras["w_minus"].to(ell.dtype)
-        weight = -w_plus if option(self.cfg, "variant") == "pos_only" else w_minus - w_plus
+        weight = -w_plus if self.cfg.variant.value == "pos_only" else w_minus - w_plus
         loss = (weight * ell).sum()
         lengths = masks.scored[:, 0].sum(dim=1).clamp_min(1)
         metrics = {

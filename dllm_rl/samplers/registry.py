@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dllm_rl.config import register_schema
+from dllm_rl.config import SCHEMAS, register_schema, typed
 from dllm_rl.errors import ConfigError
 
 SAMPLERS: dict[str, type] = {}
@@ -25,8 +26,10 @@ def register_sampler(name: str, config: type) -> Callable[[type], type]:
 
 
 def get_sampler(cfg: Mapping[str, Any]) -> Any:
-    """Build the sampler named by cfg['name'] from the rest of the sampler config."""
+    """Build the sampler named by cfg['name'] from the rest of the sampler config, read through its schema
+    (absent keys take the schema's defaults, every value its declared type; a bad one is a ConfigError)."""
     name = cfg["name"]
     if name not in SAMPLERS:
         raise ConfigError(f"sampler.name={name!r} is unknown; available: {', '.join(sorted(SAMPLERS))}")
-    return SAMPLERS[name](**{k: v for k, v in cfg.items() if k != "name"})
+    section = typed(SCHEMAS["sampler"][name], cfg, "sampler")
+    return SAMPLERS[name](**{f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name != "name"})
