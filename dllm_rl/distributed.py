@@ -123,6 +123,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def end_distributed() -> None:
+    """After a run's last collective: every rank waits for the others, then tears its process group down.
+
+    A worker that exits with its gloo process group alive can abort at interpreter shutdown ("terminate
+    called without an active exception", exit 134 under srun) when another rank, or the store it
+    rendezvoused through, is already gone; a successful multi-process run must not end that way.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def gather_layouts(layout: dict[str, Any]) -> list[dict[str, Any]]:
     """Every rank's ``rank_layout``, in rank order (collective; after the device is set, as NCCL needs)."""
     import torch.distributed as dist

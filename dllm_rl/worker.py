@@ -25,6 +25,7 @@ from dllm_rl.config import world_size
 from dllm_rl.console import detach_library_loggers, exit_preempted, library_output_to
 from dllm_rl.distributed import (
     barrier,
+    end_distributed,
     gather_layouts,
     global_rank,
     init_distributed,
@@ -230,6 +231,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if main:
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         _write_status(run_dir, {**status, "status": "done", "wall_seconds_this_attempt": wall})
+    end_distributed()
     return summary
 
 
