@@ -289,6 +289,11 @@ class TaskCfg:
             size = t.get(f"{split}_size")
             if size is not None and t.get(f"{split}_file") is None:
                 need(size >= 1, f"task.{split}_size={size} must be >= 1 (the {split} split would be empty)")
+        sizes = [t.get(f"{split}_size") for split in ("train", "validation", "test")]
+        need(
+            t.get("seed", cls.seed) >= 0 and all(size >= 0 for size in sizes if size is not None),
+            "task.seed and task.*_size must be non-negative",
+        )
 
 
 @dataclass

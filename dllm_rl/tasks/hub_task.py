@@ -79,8 +79,6 @@ class HubTaskCfg(TaskCfg):
         super().check(t, need)
         mode = t.get("reward_mode", cls.reward_mode)
         need(mode in REWARD_MODES, f"task.reward_mode={mode!r} must be one of: {', '.join(REWARD_MODES)}")
-        size = t.get("validation_size", cls.validation_size)
-        need(size >= 0, f"task.validation_size={size} must be >= 0")
 
 
 FILE_KEYS: tuple[str, ...] = ("train_file", "validation_file", "test_file")

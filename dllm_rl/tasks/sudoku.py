@@ -399,8 +399,6 @@ class SudokuTaskCfg(TaskCfg):
         )
         test_blanks = t.get("test_blanks", cls.test_blanks)
         need(1 <= test_blanks <= GRID_CELLS, f"task.test_blanks={test_blanks} must be in [1, 16]")
-        sizes = [t.get(f"{s}_size", getattr(cls, f"{s}_size")) for s in SPLITS]
-        need(t.get("seed", cls.seed) >= 0 and min(sizes) >= 0, "task.seed and task.*_size must be non-negative")
         shots = t.get("few_shot", cls.few_shot)
         need(shots in (0, 3), f"task.few_shot={shots} must be 0 (zero-shot, d1) or 3 (SPG's 3-shot prompt)")
 
