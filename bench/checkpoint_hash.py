@@ -110,14 +110,16 @@ def measure_save(cfg: dict[str, Any], repeats: int, workdir: Path) -> dict[str, 
     import torch
 
     from dllm_rl.build import build_policy, build_training, quiet_libraries
+    from dllm_rl.config import run_config
     from dllm_rl.distributed import init_distributed, run_device
     from dllm_rl.tasks import get_task
 
     quiet_libraries()
-    init_distributed(cfg["cluster"]["backend"])
-    task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
-    policy, _ = build_policy(cfg, task)
-    _, _, engine = build_training(cfg, policy, run_device(cfg))
+    run = run_config(cfg)  # the typed view the components read, as worker.run makes it of the same dict
+    init_distributed(run.cluster.backend)
+    task = get_task(run.task.name, run.task, Path(run.cache_dir).expanduser())
+    policy, _ = build_policy(run, task)
+    _, _, engine = build_training(run, policy, run_device(run.cluster.device))
     root = workdir / "checkpoints"
     rank_state = {"rng": torch.get_rng_state()}
     real_digest = checkpoint.file_digest

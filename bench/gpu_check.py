@@ -371,9 +371,10 @@ class Checker:
     def parameter_count(self, cfg: dict[str, Any]) -> int:
         """The network's parameters, counted on the meta device (no memory, no initialisation)."""
         from dllm_rl.build import build_policy
+        from dllm_rl.config import run_config
 
         with torch.device("meta"):
-            policy, _ = build_policy(cfg, SimpleNamespace(alphabet=spg.ALPHABET))
+            policy, _ = build_policy(run_config(cfg), SimpleNamespace(alphabet=spg.ALPHABET))
         return sum(p.numel() for p in policy.model.parameters())
 
     def measure_spg(self, model: str, training: str) -> dict[str, Any]:

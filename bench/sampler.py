@@ -304,12 +304,13 @@ def speed_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_random_policy(cfg: dict[str, Any], device: torch.device, logit_scale: float) -> tuple[Any, dict]:
     from dllm_rl.build import build_policy, quiet_libraries
+    from dllm_rl.config import run_config
 
     quiet_libraries()
     _threads(cfg)
     # On the device itself, as spg_step: an 8B random init on the CPU would take minutes.
     with torch.device(device):
-        policy, _ = build_policy(cfg, SimpleNamespace(alphabet=spg.ALPHABET))
+        policy, _ = build_policy(run_config(cfg), SimpleNamespace(alphabet=spg.ALPHABET))
     policy.model.to(device)
     head = policy.model.get_output_embeddings()
     tied = head.weight.data_ptr() == policy.model.get_input_embeddings().weight.data_ptr()
@@ -581,6 +582,7 @@ def accuracy_setup(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, 
     """(config, task, base policy, base info, test examples) as worker.run and the trainer's test evaluation."""
     from dllm_rl import evaluation
     from dllm_rl.build import build_policy, quiet_libraries
+    from dllm_rl.config import run_config
     from dllm_rl.tasks import get_task
 
     device_overrides = [
@@ -590,8 +592,9 @@ def accuracy_setup(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, 
     cfg = spg.compose_config([f"task={args.task}", "logging=none", *device_overrides, *args.overrides])
     quiet_libraries()
     _threads(cfg)
-    task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
-    policy, base_info = build_policy(cfg, task)
+    run = run_config(cfg)  # the typed view the components read, as worker.run makes it of the same dict
+    task = get_task(run.task.name, run.task, Path(run.cache_dir).expanduser())
+    policy, base_info = build_policy(run, task)
     policy.model.to(_device(args.device))
     data = task.dataset("test")
     cap = cfg["eval"]["num_examples"]

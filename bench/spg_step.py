@@ -632,15 +632,17 @@ def setup(args: argparse.Namespace, cfg: dict[str, Any], device: torch.device) -
     """Policy, LoRA, checkpointing, sampler, objective and DeepSpeed engine, as worker.run builds them,
     and the task whose reward functions score the completions."""
     from dllm_rl.build import build_policy, build_training
+    from dllm_rl.config import run_config
     from dllm_rl.tasks import get_task
 
     start = time.perf_counter()
-    task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
+    run = run_config(cfg)  # the typed view the components read, as worker.run makes it of the same dict
+    task = get_task(run.task.name, run.task, Path(run.cache_dir).expanduser())
     # Initialising on the device itself: an 8B random init on the CPU would take minutes; the stand-in task
     # only lends build_policy the alphabet of the character tokenizer.
     with torch.device(device):
-        policy, _ = build_policy(cfg, SimpleNamespace(alphabet=ALPHABET))
-    sampler, objective, engine = build_training(cfg, policy, device)
+        policy, _ = build_policy(run, SimpleNamespace(alphabet=ALPHABET))
+    sampler, objective, engine = build_training(run, policy, device)
     networks = [policy.model] + ([policy._reference_copy] if policy._reference_copy is not None else [])
     synchronize(device)
     return SimpleNamespace(

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from dllm_rl.config import option
+from dllm_rl.config import LRSchedule, ModelCfg, OptimCfg, OptimType, Quantization, RunConfig, world_size
 from dllm_rl.errors import DllmRlError
+from dllm_rl.schema import plain
 
 log = logging.getLogger("dllm_rl")
 
@@ -30,11 +31,11 @@ def quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def optimizer_config(o: dict[str, Any]) -> dict[str, Any]:
+def optimizer_config(o: OptimCfg) -> dict[str, Any]:
     """DeepSpeed's optimizer entry: AdamW (DeepSpeed's torch-backed AdamW) or SGD with momentum (torch.optim.SGD)."""
-    if option(o, "type") == "SGD":
-        return {"type": "SGD", "params": {"lr": o["lr"], "momentum": o["momentum"], "weight_decay": o["weight_decay"]}}
-    params = {"lr": o["lr"], "betas": list(o["betas"]), "eps": o["eps"], "weight_decay": o["weight_decay"]}
+    if o.type is OptimType.SGD:
+        return {"type": "SGD", "params": {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay}}
+    params = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
     return {"type": "AdamW", "params": {**params, "torch_adam": True}}
 
 
@@ -53,14 +54,14 @@ def lr_lambda(steps: int, warmup: int, min_ratio: float) -> Callable[[int], floa
     return factor
 
 
-def lr_scheduler(cfg: dict[str, Any]) -> Callable[[Any], Any] | None:
+def lr_scheduler(cfg: RunConfig) -> Callable[[Any], Any] | None:
     """What deepspeed.initialize takes as lr_scheduler for optim.schedule=cosine (a callable that builds a
     torch LambdaLR on the optimizer; its step count is saved in every checkpoint); None otherwise, where the
     DeepSpeed dict's own WarmupLR (warm-up only) or nothing sets the learning rate."""
-    o = cfg["optim"]
-    if option(o, "schedule") != "cosine":
+    o = cfg.optim
+    if o.schedule is not LRSchedule.cosine:
         return None
-    factor = lr_lambda(int(cfg["train"]["steps"]), int(o["warmup_steps"]), float(o["min_lr_ratio"]))
+    factor = lr_lambda(cfg.train.steps, o.warmup_steps, o.min_lr_ratio)
 
     def build(optimizer: Any) -> Any:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -68,19 +69,17 @@ def lr_scheduler(cfg: dict[str, Any]) -> Callable[[Any], Any] | None:
     return build
 
 
-def deepspeed_config(cfg: dict[str, Any]) -> dict[str, Any]:
+def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
     """DeepSpeed's dict: the deepspeed group's own keys plus the batch arithmetic and optimizer."""
-    from dllm_rl.config import world_size
-
-    world = world_size(cfg["cluster"])
-    completions = cfg["rollout"]["prompts_per_step"] * cfg["rollout"]["samples_per_prompt"]
-    micro = int(cfg["train"]["micro_batch_per_gpu"])
-    o = cfg["optim"]
+    world = world_size(cfg.cluster)
+    completions = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    micro = cfg.train.micro_batch_per_gpu
+    o = cfg.optim
     ds = {
-        **cfg["deepspeed"],
+        **plain(cfg.deepspeed),
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": completions // (world * micro),
-        "gradient_clipping": o["max_grad_norm"],
+        "gradient_clipping": o.max_grad_norm,
         "optimizer": optimizer_config(o),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -88,49 +87,49 @@ def deepspeed_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if ds["optimizer"]["type"] != "AdamW":
         # ZeRO runs any torch.optim optimizer; DeepSpeed only asks that non-Adam ones be allowed explicitly.
         ds["zero_allow_untested_optimizer"] = True
-    if cfg.get("model", {}).get("dtype") == "bfloat16" and not ds.get("bf16", {}).get("enabled"):
+    if cfg.model.dtype == "bfloat16" and not ds.get("bf16", {}).get("enabled"):
         # bf16 parameters need DeepSpeed's bf16 mode, or AdamW would update bf16 weights with no fp32 master copy.
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
     if ds.get("bf16", {}).get("enabled"):
         # The trainer's non-finite guard rides on ZeRO's overflow skip, which bf16 only runs with this on.
         ds["bf16"] = {**ds["bf16"], "check_grad_overflow": True}
-    if o["warmup_steps"] > 0 and option(o, "schedule") == "constant":
+    if o.warmup_steps > 0 and o.schedule is LRSchedule.constant:
         ds["scheduler"] = {
             "type": "WarmupLR",
             "params": {
                 "warmup_min_lr": 0.0,
-                "warmup_max_lr": o["lr"],
-                "warmup_num_steps": o["warmup_steps"],
+                "warmup_max_lr": o.lr,
+                "warmup_num_steps": o.warmup_steps,
                 "warmup_type": "linear",
             },
         }
     return ds
 
 
-def build_policy(cfg: dict[str, Any], task: Any) -> tuple[Any, dict[str, Any]]:
+def build_policy(cfg: RunConfig, task: Any) -> tuple[Any, dict[str, Any]]:
     """The starting policy: model.path (plus model.adapter) if given, else the (cached) warm-started base
     of the configured architecture; then a fresh LoRA adapter when model.lora.enabled."""
     from dllm_rl.models.policy import build_tiny, load_from_config
     from dllm_rl.warmstart import ensure_base
 
-    mcfg = cfg["model"]
-    if mcfg["path"] is not None:
-        policy, info = load_from_config(mcfg["path"], mcfg, trainable=True), {"source": str(mcfg["path"])}
-    elif mcfg.get("requires_path"):
-        raise DllmRlError(f"model={mcfg['name']} needs model.path=<local checkpoint directory>")
-    elif not cfg["warmstart"]["enabled"]:
-        policy, info = build_tiny(mcfg, task.alphabet, seed=int(cfg["seed"])), {"source": "random init"}
+    m: ModelCfg = cfg.model
+    if m.path is not None:
+        policy, info = load_from_config(m.path, m, trainable=True), {"source": str(m.path)}
+    elif m.requires_path:
+        raise DllmRlError(f"model={m.name} needs model.path=<local checkpoint directory>")
+    elif not cfg.warmstart.enabled:
+        policy, info = build_tiny(m, task.alphabet, seed=cfg.seed), {"source": "random init"}
     else:
         path, info = ensure_base(cfg, task)
-        policy, info = load_from_config(path, mcfg, trainable=True), {"source": str(path), **info}
-    if mcfg["lora"]["enabled"] and mcfg.get("adapter") is None:
-        policy.apply_lora(mcfg["lora"], quantized=mcfg.get("quantization", "none") != "none", seed=int(cfg["seed"]))
-    if mcfg.get("adapter") is not None:
-        info["adapter"] = str(mcfg["adapter"])
+        policy, info = load_from_config(path, m, trainable=True), {"source": str(path), **info}
+    if m.lora.enabled and m.adapter is None:
+        policy.apply_lora(m.lora, quantized=m.quantization is not Quantization.none, seed=cfg.seed)
+    if m.adapter is not None:
+        info["adapter"] = str(m.adapter)
     return policy, info
 
 
-def build_training(cfg: dict[str, Any], policy: Any, device: torch.device) -> tuple[Any, Any, Any]:
+def build_training(cfg: RunConfig, policy: Any, device: torch.device) -> tuple[Any, Any, Any]:
     """Checkpointing, device, sampler, objective, π_ref and the DeepSpeed engine around ``policy``
     (``policy.forward_module`` becomes the engine): everything a run needs besides data and policy."""
     import deepspeed
@@ -138,17 +137,14 @@ def build_training(cfg: dict[str, Any], policy: Any, device: torch.device) -> tu
     from dllm_rl.objectives import get_objective
     from dllm_rl.samplers import get_sampler
 
-    if cfg["model"]["gradient_checkpointing"]:
+    if cfg.model.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it also works under a
         # frozen base with a LoRA adapter.
         policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     policy.model.to(device)
-    sampler = get_sampler(cfg["sampler"])
+    sampler = get_sampler(cfg.sampler)
     objective = get_objective(
-        cfg["objective"],
-        int(cfg["seed"]),
-        group_size=int(cfg["rollout"]["samples_per_prompt"]),
-        micro_batch=int(cfg["train"]["micro_batch_per_gpu"]),
+        cfg.objective, cfg.seed, group_size=cfg.rollout.samples_per_prompt, micro_batch=cfg.train.micro_batch_per_gpu
     )
     if objective.needs_reference:
         # Before deepspeed.initialize: a frozen copy must never be handed to the optimizer.
@@ -160,7 +156,7 @@ def build_training(cfg: dict[str, Any], policy: Any, device: torch.device) -> tu
         lr_scheduler=lr_scheduler(cfg),
     )
     policy.forward_module = engine
-    if cfg["model"].get("compile"):
+    if cfg.model.compile:
         compile_network(policy.model, device)
     return sampler, objective, engine
 

@@ -1,5 +1,9 @@
-"""Typed configuration schema (Hydra ConfigStore) and the cross-field validation pass.
+"""Typed configuration schema of the root sections (Hydra ConfigStore) and the cross-field validation pass.
 
+The model, cluster, deepspeed and logging groups and the root sections (rollout, train, optim, eval, ...)
+have their schemas here; each objective, sampler and task declares its section's schema beside its code
+(their bases: ObjectiveCfg in dllm_rl/objectives/base.py, TaskCfg in dllm_rl/tasks/base.py; the mask
+schedule's MaskCfg in dllm_rl/likelihood/masks.py) and registers it in dllm_rl/schema.py's SCHEMAS.
 Every config group option names its schema first in its defaults list (``- /base_<name>@_here_``),
 so a misspelt key or a wrong type fails while Hydra composes the config, with Hydra's own message.
 ``validate`` then refuses keys no schema declares (Hydra's ``+key=value`` adds them past the
@@ -12,17 +16,17 @@ import dataclasses
 import difflib
 import importlib.util
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from dllm_rl.errors import ConfigError
+from dllm_rl.objectives.base import ObjectiveCfg
+from dllm_rl.schema import SCHEMAS, typed
 from dllm_rl.zero3 import ZERO3_PARAMS
 
 # --------------------------------------------------------------------------------------------- groups
@@ -101,199 +105,6 @@ class ModelCfg:
     # family = install the family's fixed chat template where it has one (LLaDA); tokenizer = keep the checkpoint's
     chat_template: ChatTemplate = ChatTemplate.family
     lora: LoraCfg = field(default_factory=LoraCfg)
-
-
-class MaskKind(Enum):
-    full = "full"
-    random = "random"
-    blockwise = "blockwise"
-    stratified = "stratified"
-
-
-class CountMode(Enum):
-    bernoulli = "bernoulli"
-    exact = "exact"
-
-
-class MaskWeight(Enum):
-    none = "none"
-    inv_t_sampled = "inv_t_sampled"
-    inv_t_empirical = "inv_t_empirical"
-    inv_count = "inv_count"
-    tlc = "tlc"
-
-
-class MaskScope(Enum):
-    valid = "valid"
-    all = "all"
-
-
-class BlockChoice(Enum):
-    uniform_distinct = "uniform_distinct"
-    reference_modulo = "reference_modulo"
-
-
-class FutureBlocks(Enum):
-    include = "include"
-    exclude = "exclude"
-
-
-class StratifyOver(Enum):
-    microbatch = "microbatch"
-    group = "group"
-
-
-@dataclass
-class MaskCfg:
-    # mask-sampling schedule
-    kind: MaskKind = MaskKind.random
-    coupled: bool = False
-    # exact: n = ceil(t*L) positions chosen uniformly; bernoulli: each position with probability t
-    count_mode: CountMode = CountMode.exact
-    # t ~ U(t_min, t_max)
-    t_min: float = 0.0
-    # upper end of the mask ratio
-    t_max: float = 1.0
-    # only positions up to the first EOS are scored
-    scope: MaskScope = MaskScope.valid
-    # L / (masked count)
-    weight: MaskWeight = MaskWeight.inv_t_empirical
-    # probability of masking each prompt (and clean earlier-block) position; 0 = the prompt is never masked
-    prompt_mask_prob: float = 0.0
-    block_len: int = 32
-    # uniform_distinct: copies take distinct blocks uniformly; reference_modulo: SPG code's permutation rule
-    block_choice: BlockChoice = BlockChoice.uniform_distinct
-    # include: later (fully masked) blocks are scored too, as in SPG's code; exclude: masked, not scored
-    future_blocks: FutureBlocks = FutureBlocks.include
-    # rows of one stratum: microbatch (reference) | group
-    stratify_over: StratifyOver = StratifyOver.microbatch
-
-
-@dataclass
-class ObjectiveCfg:
-    """What every objective takes (the ``objective`` section); each objective declares its own schema,
-    a subclass of this one, beside its code and registers it with ``@register_objective(name, config=...)``
-    (docs/ARCHITECTURE.md, "Adding an objective")."""
-
-    name: str = MISSING
-    inner_iterations: int = 1
-    mask: MaskCfg = field(default_factory=MaskCfg)
-    forward_chunk: int = 0
-    loss_forward_dropout: bool = True
-    max_nonfinite_frac: float = 0.5
-
-    @classmethod
-    def mask_copies(cls, o: Any) -> int | None:
-        """Masked copies drawn per sequence from ``objective.mask`` (None: the schema has no such count)."""
-        return o.get("mc_samples")
-
-    @classmethod
-    def check(cls, o: Any, sampler: Any, need: Callable[[bool, str], None]) -> None:
-        """The section's rules: ``need(ok, message)`` for each; ``o`` is the composed ``objective`` node (a
-        DictConfig or a plain dict) and ``sampler`` the ``sampler`` one. A schema that adds rules also
-        calls ``super().check``."""
-        mu = o["inner_iterations"]
-        need(mu >= 1, f"objective.inner_iterations={mu} must be >= 1")
-        need(o["forward_chunk"] >= 0, f"objective.forward_chunk={o['forward_chunk']} must be >= 0 (0 = one forward)")
-        need(
-            0.0 <= o["max_nonfinite_frac"] <= 1.0,
-            f"objective.max_nonfinite_frac={o['max_nonfinite_frac']} must be in [0, 1]",
-        )
-        if o.get("mc_samples") is not None:
-            need(o["mc_samples"] >= 1, f"objective.mc_samples={o['mc_samples']} must be >= 1")
-        check_mask(o["mask"], "objective.mask", cls.mask_copies(o), need)
-        if option(o["mask"], "kind") == "blockwise":
-            need(
-                sampler["gen_length"] % o["mask"]["block_len"] == 0,
-                f"objective.mask.block_len={o['mask']['block_len']} must divide "
-                f"sampler.gen_length={sampler['gen_length']}",
-            )
-
-
-# Component schemas by config group and name, filled by the components' registry decorators
-# (register_schema); config.validate checks each section with the schema its name selects.
-SCHEMAS: dict[str, dict[str, type]] = {"objective": {}, "sampler": {}, "task": {}}
-
-
-def register_schema(group: str, name: str, schema: type) -> None:
-    """Store a component's schema in Hydra's ConfigStore as ``base_<name>`` (its YAML option names it first
-    in its defaults list: ``- /base_<name>@_here_``) and under SCHEMAS[group][name] for validation."""
-    ConfigStore.instance().store(name=f"base_{name}", node=schema)
-    SCHEMAS[group][name] = schema
-
-
-PROMPT_OVERFLOW = ("drop", "error", "left_truncate")
-ON_BAD_REWARD = ("error", "zero")
-
-
-@dataclass
-class TaskCfg:
-    """What every task takes (the ``task`` section); each task declares its own schema, a subclass of this
-    one, beside its code and registers it with ``@register_task(name, config=...)`` (dllm_rl/tasks/base.py)."""
-
-    # the prompt styles the task can write (compact: literal model input; chat: a user message)
-    prompt_styles: ClassVar[tuple[str, ...]] = ("compact", "chat")
-
-    name: str = MISSING
-    # rollout decoding: L tokens, B per block, T denoising steps (the sampler group reads these)
-    completion_length: int = MISSING
-    block_length: int = MISSING
-    diffusion_steps: int = MISSING
-    # seed of the task's data: the generator's splits, or the held-out validation rows of a file or hub set
-    seed: int = 42
-    # compact: the prompt is the literal model input (character-level models); chat: a user message for the tokenizer's
-    # chat template, the answer read from <answer> tags (docs/tasks.md, "Common rules")
-    prompt_style: str = "compact"
-    # reward functions (registered names or module:function); null = the task's own
-    rewards: list[str] | None = None
-    # a reward value that is not a finite number: error (stop, naming function and sample) | zero
-    on_bad_reward: str = "error"
-    # held-out training-side rows for checkpoint selection (never the test split)
-    validation_size: int = 256
-    # evaluation protocol (python -m dllm_rl.evaluate): lengths, subset of the test split
-    eval_gen_lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
-    # test examples python -m dllm_rl.evaluate scores (null = all; d1 evaluates 256 of its 500 Sudoku puzzles)
-    eval_subset_size: int | None = None
-    # seed of that subset (d1: np.random.seed(42), then choice)
-    eval_subset_seed: int = 42
-    # prompts longer than this many tokens: drop (count them) | error | left_truncate; null = no cap
-    max_prompt_tokens: int | None = None
-    # what happens to them: drop (and count), error, or left_truncate (the reference's behaviour)
-    on_prompt_overflow: str = "drop"
-    # supervised steps the embedded tiny model gets on this task (warmstart.steps follows it)
-    warmstart_steps: int = 100
-
-    @classmethod
-    def check(cls, t: Any, need: Callable[[bool, str], None]) -> None:
-        """The section's rules: ``need(ok, message)`` for each; ``t`` is the ``task`` node (a DictConfig or a
-        plain dict, keys absent from it taking the schema's defaults). A schema that adds rules also calls
-        ``super().check``."""
-        need(
-            t.get("on_prompt_overflow", "drop") in PROMPT_OVERFLOW,
-            f"task.on_prompt_overflow={t.get('on_prompt_overflow')!r} must be drop, error or left_truncate",
-        )
-        need(
-            t.get("on_bad_reward", "error") in ON_BAD_REWARD,
-            f"task.on_bad_reward={t.get('on_bad_reward')!r} must be error or zero",
-        )
-        cap = t.get("max_prompt_tokens")
-        need(cap is None or cap >= 1, f"task.max_prompt_tokens={cap} must be >= 1 (or null: no cap)")
-        style = t.get("prompt_style", cls.prompt_style)
-        need(
-            style in cls.prompt_styles,
-            f"task.prompt_style={style!r}: task {t.get('name', cls.name)} has {', '.join(cls.prompt_styles)}",
-        )
-        subset = t.get("eval_subset_size")
-        need(subset is None or subset >= 1, f"task.eval_subset_size={subset} must be >= 1 (or null: all)")
-        for split in ("train", "validation", "test"):
-            size = t.get(f"{split}_size")
-            if size is not None and t.get(f"{split}_file") is None:
-                need(size >= 1, f"task.{split}_size={size} must be >= 1 (the {split} split would be empty)")
-        sizes = [t.get(f"{split}_size") for split in ("train", "validation", "test")]
-        need(
-            t.get("seed", cls.seed) >= 0 and all(size >= 0 for size in sizes if size is not None),
-            "task.seed and task.*_size must be non-negative",
-        )
 
 
 @dataclass
@@ -557,7 +368,10 @@ RESUME_MODES = ("auto", "disable", "path")
 
 
 def world_size(cluster: Any) -> int:
-    """Training processes of a run: cluster.nproc per node (one per GPU) times cluster.nodes."""
+    """Training processes of a run: cluster.nproc per node (one per GPU) times cluster.nodes (the typed
+    section, or the composed one ``validate`` reads)."""
+    if isinstance(cluster, ClusterCfg):
+        return cluster.nproc * cluster.nodes
     return int(cluster["nproc"]) * int(cluster.get("nodes", 1) or 1)
 
 
@@ -812,47 +626,6 @@ def task_file_errors(task: Any) -> list[str]:
     return errors
 
 
-T = TypeVar("T")
-
-
-def typed(schema: type[T], node: Any, where: str) -> T:
-    """A component's section as its schema's dataclass: ``node`` (a plain mapping, as workers load it, a
-    DictConfig, or already a ``schema`` instance) merged onto the schema, so that absent keys take the
-    schema's defaults and every value has its declared type (enums as members, floats as floats).
-    A key the schema lacks or a value it cannot take is a ConfigError naming ``where``."""
-    if isinstance(node, schema):
-        return node
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))  # type: ignore[return-value]
-    except OmegaConfBaseException as exc:
-        key, message = getattr(exc, "full_key", None), getattr(exc, "msg", None) or str(exc)
-        raise ConfigError(f"{where}.{key}: {' '.join(message.split())}" if key else f"{where}: {message}") from None
-
-
-def option(node: Any, key: str) -> Any:
-    """A config value with Enum members read as their plain string (typed configs and plain dicts alike)."""
-    value = node[key]
-    return getattr(value, "value", value)
-
-
-def check_mask(m: Any, where: str, copies: int | None, need: Callable[[bool, str], None]) -> None:
-    """Rules of one mask schedule; ``copies`` is the number of masked copies drawn per sequence."""
-    kind = option(m, "kind")
-    need(
-        0.0 <= m["t_min"] < m["t_max"] <= 1.0,
-        f"{where}.t_min={m['t_min']} and {where}.t_max={m['t_max']} need 0 <= t_min < t_max <= 1",
-    )
-    need(0.0 <= m["prompt_mask_prob"] < 1.0, f"{where}.prompt_mask_prob={m['prompt_mask_prob']} must be in [0, 1)")
-    need(m["block_len"] >= 1, f"{where}.block_len={m['block_len']} must be >= 1")
-    if m["coupled"]:
-        need(
-            kind in ("random", "stratified"),
-            f"{where}.coupled=true needs {where}.kind random or stratified (not {kind})",
-        )
-        if copies is not None:
-            need(copies % 2 == 0, f"{where}.coupled=true draws pairs: the number of copies ({copies}) must be even")
-
-
 # Config choices that need an optional extra: (key, value) -> (the module it brings, the extra's name in pyproject.toml)
 EXTRAS: dict[tuple[str, str], tuple[str, str]] = {
     ("hparams_search", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "hpo"),
@@ -883,3 +656,46 @@ def check_writable(directory: str | Path, what: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"{what}={d}: not writable ({exc.strerror or exc})") from None
+
+
+# ---------------------------------------------------------------------------------- the typed run config
+
+COMPONENT_GROUPS = ("objective", "task", "sampler")  # sections whose schema the section's name selects
+
+
+@dataclass
+class RunConfig(Config):
+    """A resolved run config as the processes that train, evaluate or measure read it: every root section
+    as its dataclass and the objective, task and sampler sections as the schemas their names select
+    (``run_config``). Hydra composes ``Config``, whose group sections stay open (``Any``) so that each
+    option's defaults list can name its own schema."""
+
+    model: ModelCfg = MISSING
+    cluster: ClusterCfg = MISSING
+    deepspeed: DeepSpeedCfg = MISSING
+    logging: LoggingCfg = MISSING
+    # the run directory (python -m dllm_rl adds it to the resolved config it writes there; None for a config
+    # composed outside a run, e.g. by a library user or a test)
+    run_dir: str | None = None
+
+
+def run_config(plain: Any) -> RunConfig:
+    """The typed view of a resolved config (a plain dict, as config.yaml holds it, or a DictConfig).
+
+    Every section gets its schema's types and defaults (enums as members); a key no schema declares or a
+    value its field cannot take is one ConfigError naming it. The plain dict stays what is written to
+    disk and logged; the typed view is what components read."""
+    if isinstance(plain, RunConfig):
+        return plain
+    if isinstance(plain, DictConfig):  # composed onto Config, which RunConfig extends: merged as plain values
+        plain = OmegaConf.to_container(plain, resolve=True, enum_to_str=True)
+    cfg = typed(RunConfig, plain, "config")
+    for group in COMPONENT_GROUPS:
+        node = getattr(cfg, group)
+        name = node.get("name") if isinstance(node, dict) else getattr(node, "name", None)
+        schema = SCHEMAS.get(group, {}).get(name)
+        if schema is None:
+            known = ", ".join(sorted(SCHEMAS.get(group, {}))) or "(none)"
+            raise ConfigError(f"{group}.name={name!r} is unknown; available: {known}")
+        setattr(cfg, group, typed(schema, node, group))
+    return cfg

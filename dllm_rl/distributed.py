@@ -38,8 +38,8 @@ def global_rank() -> int:
     return 0
 
 
-def rank_layout(cluster: dict[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Where this process sits in cluster.nodes x cluster.nproc, from what its launcher exported.
+def rank_layout(nproc: int, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Where this process sits in cluster.nodes x cluster.nproc (``nproc``), from what its launcher exported.
 
     torchrun and torch elastic launch set GROUP_RANK (the node's rank), LOCAL_RANK and LOCAL_WORLD_SIZE,
     the deepspeed launcher CROSS_RANK and LOCAL_SIZE; inside a SLURM task the node is SLURM_NODEID
@@ -47,7 +47,6 @@ def rank_layout(cluster: dict[str, Any], env: Mapping[str, str] | None = None) -
     block layout of torchrun and of SLURM's default distribution. A node that started another number of
     processes than cluster.nproc is a ConfigError: its ranks would be counted against the wrong node."""
     env = os.environ if env is None else env
-    nproc = int(cluster["nproc"])
 
     def read(*keys: str) -> int | None:
         return next((int(env[k]) for k in keys if env.get(k, "") != ""), None)
@@ -148,11 +147,11 @@ def gather_layouts(layout: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def run_device(cfg: dict[str, Any]) -> torch.device:
-    """cpu, or cuda:<local rank> (each process of a node drives its own GPU)."""
+def run_device(device: str) -> torch.device:
+    """cluster.device as this process uses it: cpu, or cuda:<local rank> (each process of a node drives its own GPU)."""
     import torch
 
-    if cfg["cluster"]["device"] != "cuda":
+    if device != "cuda":
         return torch.device("cpu")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)

@@ -14,6 +14,7 @@ Writes to the run directory: ``generations_len<L>.jsonl`` (prompt, completion, r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,15 @@ from omegaconf import DictConfig, OmegaConf
 
 import dllm_rl  # noqa: F401  (registers the config schemas)
 from dllm_rl.cli_help import exit_with_help_if_asked
-from dllm_rl.config import check_keys, check_writable, model_errors, task_file_errors
+from dllm_rl.config import (
+    EvaluateCfg,
+    RunConfig,
+    check_keys,
+    check_writable,
+    model_errors,
+    run_config,
+    task_file_errors,
+)
 from dllm_rl.console import library_output_to, say, say_error
 from dllm_rl.errors import ConfigError, DllmRlError
 from dllm_rl.lazy import lazy_import
@@ -38,13 +47,13 @@ torch = lazy_import("torch")
 log = logging.getLogger("dllm_rl")
 
 
-def protocol(ecfg: dict[str, Any], length: int) -> dict[str, int]:
+def protocol(ecfg: EvaluateCfg, length: int) -> dict[str, int]:
     """Block length and steps of one evaluation length (steps a positive multiple of the block count)."""
-    block = min(int(ecfg["block_length"]), length)
+    block = min(ecfg.block_length, length)
     if length % block:
         raise ConfigError(f"evaluate.gen_lengths: {length} is not a multiple of evaluate.block_length={block}")
     blocks = length // block
-    per_block = max(1, round(length * float(ecfg["steps_per_token"]) / blocks))
+    per_block = max(1, round(length * ecfg.steps_per_token / blocks))
     return {"gen_length": length, "block_length": block, "steps": min(per_block * blocks, length)}
 
 
@@ -73,7 +82,7 @@ def check(cfg: dict[str, Any]) -> None:
         raise ConfigError("invalid evaluation configuration:\n  - " + "\n  - ".join(errors))
 
 
-def resolve_checkpoint(cfg: dict[str, Any]) -> tuple[str | None, str]:
+def resolve_checkpoint(cfg: RunConfig) -> tuple[str | None, str]:
     """(the save_pretrained directory to score or None for the cached warm-started base, why that one).
 
     A run directory (or its checkpoints/ folder) is scored at checkpoints/best/hf, the weights its
@@ -81,12 +90,12 @@ def resolve_checkpoint(cfg: dict[str, Any]) -> tuple[str | None, str]:
     or eval.splits had no validation) is scored at checkpoints/final/hf, and the reason says so: the
     summary line and metrics.json carry it, so a final-weights score is never mistaken for the best.
     """
-    given = cfg["evaluate"]["checkpoint"] or cfg["model"]["path"]
-    field = "evaluate.checkpoint" if cfg["evaluate"]["checkpoint"] else "model.path"
+    given = cfg.evaluate.checkpoint or cfg.model.path
+    field = "evaluate.checkpoint" if cfg.evaluate.checkpoint else "model.path"
     if given is None:
-        if cfg["model"].get("requires_path"):
-            raise ConfigError(f"model={cfg['model']['name']}: give evaluate.checkpoint=<dir> or model.path=<dir>")
-        base = f"the cached warm-started base of model={cfg['model']['name']}"
+        if cfg.model.requires_path:
+            raise ConfigError(f"model={cfg.model.name}: give evaluate.checkpoint=<dir> or model.path=<dir>")
+        base = f"the cached warm-started base of model={cfg.model.name}"
         return None, f"{base}: no evaluate.checkpoint or model.path"
     path = Path(os.path.expanduser(str(given)))
 
@@ -121,8 +130,9 @@ def _why_no_best(run_dir: Path) -> str:
     return f"the export of step {best.get('step')} (best on validation) is missing"
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate in this process (one rank of several, or alone); rank 0 writes and returns the result."""
+def run(resolved: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate in this process (one rank of several, or alone); rank 0 writes and returns the result.
+    ``resolved`` is the plain config (config.yaml); the run reads it typed (config.run_config)."""
     import torch.distributed as dist
 
     from dllm_rl import evaluation
@@ -135,19 +145,20 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     from dllm_rl.worker import rank_logging
 
     start = time.perf_counter()
+    cfg = run_config(resolved)
     quiet_libraries()
-    if cfg["cluster"]["threads"]:
-        torch.set_num_threads(int(cfg["cluster"]["threads"]))
+    if cfg.cluster.threads:
+        torch.set_num_threads(cfg.cluster.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    run_dir = Path(cfg["run_dir"])
+    run_dir = Path(cfg.run_dir)
     if world > 1:
         # Spawned ranks log to logs/rank<R>.log, DeepSpeed's build noise included.
         with library_output_to(rank_logging(run_dir, int(os.environ["RANK"]))):
-            init_distributed(cfg["cluster"]["backend"])
+            init_distributed(cfg.cluster.backend)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    ecfg = cfg["evaluate"]
+    ecfg = cfg.evaluate
 
-    task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
+    task = get_task(cfg.task.name, cfg.task, Path(cfg.cache_dir).expanduser())
     source, choice = resolve_checkpoint(cfg)
     if source is None:
         # Rank 0 trains and caches a missing base first; the others then find it in the cache.
@@ -160,28 +171,28 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         log.info("scoring %s (%s)", source, choice)
     # model.adapter belongs to model.path; a checkpoint given here is scored as it is.
-    model_cfg = {**cfg["model"], "adapter": None} if cfg["evaluate"]["checkpoint"] else cfg["model"]
+    model_cfg = dataclasses.replace(cfg.model, adapter=None) if ecfg.checkpoint else cfg.model
     policy = load_from_config(source, model_cfg)
-    policy.model.to(torch.device(cfg["cluster"]["device"]))
+    policy.model.to(torch.device(cfg.cluster.device))
 
-    data = task.dataset(ecfg["split"])
-    indices = evaluation.paper_subset(len(data), ecfg["subset_size"], int(ecfg["subset_seed"]))
+    data = task.dataset(ecfg.split)
+    indices = evaluation.paper_subset(len(data), ecfg.subset_size, ecfg.subset_seed)
     examples = data.select(indices).to_list()
     examples, dropped = evaluation.fit_prompts(
-        policy, task, examples, "eval_prompt", task.eval_prefill, f"{ecfg['split']} split"
+        policy, task, examples, "eval_prompt", task.eval_prefill, f"{ecfg.split} split"
     )
     per_length: dict[str, dict[str, Any]] = {}
-    for length in [int(n) for n in ecfg["gen_lengths"]]:
+    for length in ecfg.gen_lengths:
         settings = protocol(ecfg, length)
-        sampler = get_sampler({**cfg["sampler"], **settings, "temperature": 0.0})
+        sampler = get_sampler(dataclasses.replace(cfg.sampler, **settings, temperature=0.0))
         t0 = time.perf_counter()
         metrics, records = evaluation.score(
             policy,
             sampler,
             task,
             examples,
-            int(ecfg["batch_size"]),
-            evaluation.truncation(cfg["task"]),
+            ecfg.batch_size,
+            evaluation.truncation(task.cfg),
             shard=True,
         )
         seconds = time.perf_counter() - t0
@@ -195,9 +206,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             evaluation.write_jsonl(run_dir / f"generations_len{length}.jsonl", records)
             log.info("length %d: %s", length, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     marginals = None
-    if ecfg["marginals"] and rank == 0:
-        length = int(cfg["task"]["completion_length"])
-        marginals = evaluation.target_marginals(policy, task, examples, length, int(ecfg["batch_size"]))
+    if ecfg.marginals and rank == 0:
+        length = cfg.task.completion_length
+        marginals = evaluation.target_marginals(policy, task, examples, length, ecfg.batch_size)
         (run_dir / "marginals.json").write_text(json.dumps(marginals, indent=2))
         log.info(
             "marginals (whole completion masked, %d answer positions): argmax_acc=%.4f mean_p_target=%.4f",
@@ -209,16 +220,16 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     result = {
         "checkpoint": source,
         "checkpoint_choice": choice,
-        "task": cfg["task"]["name"],
+        "task": cfg.task.name,
         "prompt_style": task.prompt_style,
-        "split": ecfg["split"],
+        "split": ecfg.split,
         "primary_metric": task.primary_metric,
         "num_examples": len(examples),
         "dropped_prompts": dropped,
-        "subset": {"size": ecfg["subset_size"], "seed": ecfg["subset_seed"]},
+        "subset": {"size": ecfg.subset_size, "seed": ecfg.subset_seed},
         "processes": world,
         "temperature": 0.0,
-        "sampler": cfg["sampler"]["name"],
+        "sampler": cfg.sampler.name,
         "per_length": per_length,
         "average": {k: sum(r[k] for r in per_length.values()) / len(per_length) for k in metric_names},
         **({"marginals": marginals} if marginals is not None else {}),
@@ -233,7 +244,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def launch(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run ``run`` in this process, or in cluster.nproc processes started by torch elastic launch."""
-    nproc = int(cfg["cluster"]["nproc"])
+    nproc = run_config(cfg).cluster.nproc
     if nproc == 1:
         return run(cfg)
     from torch.distributed.launcher.api import elastic_launch

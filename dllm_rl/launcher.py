@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from dllm_rl import rundir
-from dllm_rl.config import world_size
+from dllm_rl.config import ClusterCfg, RunConfig, run_config, world_size
 from dllm_rl.distributed import externally_launched, global_rank, in_slurm_task, local_launch_config
 from dllm_rl.errors import ConfigError, DllmRlError, Preempted
 
 log = logging.getLogger("dllm_rl")
 
 
-def export_slurm_environment(cfg: dict[str, Any]) -> None:
+def export_slurm_environment(cluster: ClusterCfg) -> None:
     """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT of this SLURM task (submitit's helper)."""
     from submitit.helpers import TorchDistributedEnvironment
 
@@ -48,7 +48,7 @@ def export_slurm_environment(cfg: dict[str, Any]) -> None:
     dist_env.master_addr = node_address(dist_env.master_addr)
     # Each GPU task keeps all of the node's GPUs visible and picks cuda:<local rank> (worker.run).
     env = dist_env.export(set_cuda_visible_devices=False)
-    expected = world_size(cfg["cluster"])
+    expected = world_size(cluster)
     if env.world_size != expected:
         raise ConfigError(
             f"cluster.nodes*cluster.nproc={expected} but this SLURM job has {env.world_size} tasks "
@@ -100,32 +100,33 @@ def start(cfg: dict[str, Any], run: Callable[[dict[str, Any]], dict[str, Any]]) 
 
     The process of global rank 0 holds the run directory's lock meanwhile (dllm_rl/rundir.py): this
     process when it runs alone or spawns the workers, rank 0 of a torchrun or SLURM job otherwise."""
-    with rundir.owner_lock(cfg["run_dir"], global_rank() == 0):
-        return _start(cfg, run)
+    typed = run_config(cfg)  # what this process reads; the plain dict is what the workers get
+    with rundir.owner_lock(typed.run_dir, global_rank() == 0):
+        return _start(cfg, typed, run)
 
 
-def _start(cfg: dict[str, Any], run: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | None:
-    launcher = cfg["cluster"]["launcher"]
-    done = rundir.finished_summary(cfg, Path(cfg["run_dir"]))
+def _start(
+    cfg: dict[str, Any], typed: RunConfig, run: Callable[[dict[str, Any]], dict[str, Any]]
+) -> dict[str, Any] | None:
+    done = rundir.finished_summary(typed.checkpoint.resume_mode, Path(typed.run_dir))
     if done is not None:  # a finished run directory (resume_mode=auto): nothing to start
-        log.info("%s already finished (status.json: done); nothing to resume", cfg["run_dir"])
+        log.info("%s already finished (status.json: done); nothing to resume", typed.run_dir)
         return done
     if externally_launched():
         if in_slurm_task():
-            export_slurm_environment(cfg)
+            export_slurm_environment(typed.cluster)
         return run(cfg)
-    if launcher == "slurm":
+    if typed.cluster.launcher == "slurm":
         raise ConfigError(
             "cluster.launcher=slurm outside a SLURM task: submit with cluster=slurm (Hydra's submitit "
             "launcher) or srun the worker from an sbatch script (launch/sbatch_example.sh)"
         )
-    nproc = int(cfg["cluster"]["nproc"])
-    if nproc == 1:
+    if typed.cluster.nproc == 1:
         return run(cfg)
-    return _elastic(cfg, nproc, run)
+    return _elastic(cfg, typed, run)
 
 
-def _elastic(cfg: dict[str, Any], nproc: int, run: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+def _elastic(cfg: dict[str, Any], typed: RunConfig, run: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
     """nproc spawned workers on this machine; a worker's user-facing error comes back as one line."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -133,11 +134,11 @@ def _elastic(cfg: dict[str, Any], nproc: int, run: Callable[[dict[str, Any]], di
 
     try:
         # ``run`` is pickled by its module path (dllm_rl.worker.run), which the spawned interpreters import.
-        results = elastic_launch(local_launch_config(nproc), entrypoint=run)(cfg)
+        results = elastic_launch(local_launch_config(typed.cluster.nproc), entrypoint=run)(cfg)
     except (ChildFailedError, SignalException) as exc:
         # A signal to this process reaches the workers too (the elastic agent forwards it); they
         # checkpoint and stop, and their status file says so.
-        status = _read_status(Path(cfg["run_dir"]))
+        status = _read_status(Path(typed.run_dir))
         if status.get("user_error"):
             raise DllmRlError(status["message"]) from None
         if status.get("status") == "preempted":

@@ -252,9 +252,9 @@ def discard_unused(run_dir: Path, ours: set[str], stop_at: Path | None) -> bool:
     return not run_dir.exists()
 
 
-def finished_summary(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
-    """The summary of this run directory's finished run (resume_mode=auto): nothing left to train."""
-    if cfg["checkpoint"]["resume_mode"] != "auto":
+def finished_summary(resume_mode: str, run_dir: Path) -> dict[str, Any] | None:
+    """The summary of this run directory's finished run (checkpoint.resume_mode=auto): nothing left to train."""
+    if resume_mode != "auto":
         return None
     try:
         done = json.loads((run_dir / "status.json").read_text()).get("status") == "done"

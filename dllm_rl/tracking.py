@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dllm_rl.config import LoggingCfg
+
 log = logging.getLogger(__name__)
 
 
@@ -60,11 +62,15 @@ class Tracker:
     def __init__(
         self,
         run_dir: Path,
-        cfg: dict[str, Any],
+        lcfg: LoggingCfg,
         enabled: bool = True,
         resume_step: int | None = None,
         wandb_id: str | None = None,
+        run_name: str | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
+        """metrics.jsonl in ``run_dir`` (``enabled``: this process writes), and a wandb run when
+        logging.backend=wandb, named ``run_name`` and carrying ``config`` (the resolved config)."""
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = None
         self.wandb_id: str | None = wandb_id
@@ -80,25 +86,24 @@ class Tracker:
                 "metrics.jsonl: dropped %d records after step %d (the resumed run repeats them)", dropped, resume_step
             )
         self._file = self.path.open("a")
-        lcfg = cfg["logging"]
-        if lcfg["backend"] == "wandb" and lcfg["wandb_mode"] != "disabled":
+        if lcfg.backend == "wandb" and lcfg.wandb_mode != "disabled":
             import wandb
 
             self.wandb_run = wandb.init(
-                project=lcfg["project"],
-                entity=lcfg["entity"],
-                group=lcfg["group"],
-                name=cfg["run_name"],
+                project=lcfg.project,
+                entity=lcfg.entity,
+                group=lcfg.group,
+                name=run_name,
                 dir=str(run_dir),
-                mode=lcfg["wandb_mode"],
-                config=cfg,
+                mode=lcfg.wandb_mode,
+                config=config,
                 reinit="finish_previous",
                 # the same wandb run after a restart or a requeue
                 id=wandb_id,
                 resume="allow" if wandb_id else None,
             )
             self.wandb_id = self.wandb_run.id
-            log.info("wandb %s run %s in %s", lcfg["wandb_mode"], self.wandb_id, run_dir / "wandb")
+            log.info("wandb %s run %s in %s", lcfg.wandb_mode, self.wandb_id, run_dir / "wandb")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if self._file is None:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from dllm_rl import checkpoint, evaluation
+from dllm_rl.config import RunConfig
 from dllm_rl.errors import DllmRlError, NonFiniteError
 from dllm_rl.likelihood.masks import mask_seed
 from dllm_rl.models.policy import Policy
@@ -193,7 +194,7 @@ def accumulate_step(
 class Trainer:
     def __init__(
         self,
-        cfg: dict[str, Any],
+        cfg: RunConfig,
         policy: Policy,
         engine: Any,
         task: Task,
@@ -210,12 +211,12 @@ class Trainer:
         self.stop_requests = stop_requests or StopRequests()
         self.sampler, self.objective, self.tracker, self.run_dir = sampler, objective, tracker, run_dir
         self.sampler_adaptive = getattr(sampler, "threshold", None) is not None
-        self.seed = int(cfg["seed"])
-        self.group = int(cfg["rollout"]["samples_per_prompt"])
-        self.prompts_per_step = int(cfg["rollout"]["prompts_per_step"])
-        self.mu = int(cfg["objective"]["inner_iterations"])
+        self.seed = cfg.seed
+        self.group = cfg.rollout.samples_per_prompt
+        self.prompts_per_step = cfg.rollout.prompts_per_step
+        self.mu = cfg.objective.inner_iterations
         # How rollouts and evaluations use ZeRO-3's sharded parameters (dllm_rl/zero3.py).
-        self.zero3_params = str(cfg["rollout"].get("zero3_params", "lockstep"))
+        self.zero3_params = cfg.rollout.zero3_params
         self.truncate_prompts_to = evaluation.truncation(task.cfg)
         self.dropped_prompts: dict[str, int] = {}
         self.train_examples = self._examples("train", "prompt", "", None)
@@ -243,7 +244,7 @@ class Trainer:
 
     def _eval_examples(self, split: str) -> list[dict[str, Any]]:
         if split not in self.eval_examples:
-            cap = self.cfg["eval"]["num_examples"]
+            cap = self.cfg.eval.num_examples
             self.eval_examples[split] = self._examples(split, "eval_prompt", self.task.eval_prefill, cap)
         return self.eval_examples[split]
 
@@ -266,7 +267,7 @@ class Trainer:
             self.sampler,
             [self.train_examples[i]["prompt"] for i in mine],
             self.group,
-            int(self.cfg["rollout"]["micro_batch"]),
+            self.cfg.rollout.micro_batch,
             self.seed,
             round_index,
             first_uid,
@@ -361,9 +362,9 @@ class Trainer:
             self.objective,
             self.policy,
             batch,
-            int(self.cfg["train"]["micro_batch_per_gpu"]),
+            self.cfg.train.micro_batch_per_gpu,
             inner_step,
-            bool(self.cfg["objective"]["loss_forward_dropout"]),
+            self.cfg.objective.loss_forward_dropout,
             last_loss=guard,
         )
         losses = [v for v, _, _ in records]
@@ -420,7 +421,7 @@ class Trainer:
             bad, parts, nonfinite_seqs, num_seqs = (int(c) for c in counts.tolist())
         if bad:
             return f"non-finite loss in {bad} of {parts} micro-batches"
-        limit = float(self.cfg["objective"]["max_nonfinite_frac"])
+        limit = self.cfg.objective.max_nonfinite_frac
         if nonfinite_seqs / max(num_seqs, 1) > limit:
             return (
                 f"{nonfinite_seqs} of {num_seqs} per-sequence surrogates non-finite "
@@ -471,7 +472,7 @@ class Trainer:
             )
             return
         self.skip_streak.append(reason)
-        limit = int(self.cfg["train"]["max_skipped_steps"])
+        limit = self.cfg.train.max_skipped_steps
         log.warning(
             "step %d skipped: %s (%d in a row%s)",
             self.global_step,
@@ -500,7 +501,7 @@ class Trainer:
             self.run_dir / "checkpoints",
             LAST_GOOD,
             state,
-            int(self.cfg["checkpoint"]["keep_last"]),
+            self.cfg.checkpoint.keep_last,
             rank_state=good.rank_state,
         )
         causes = "; ".join(dict.fromkeys(self.skip_streak))
@@ -520,19 +521,19 @@ class Trainer:
             self.sampler,
             self.task,
             self._eval_examples(split),
-            int(self.cfg["eval"]["batch_size"]),
+            self.cfg.eval.batch_size,
             self.truncate_prompts_to,
             shard=self.world > 1,
             zero3_params=self.zero3_params,
         )
-        if self.cfg["eval"]["marginals"]:
+        if self.cfg.eval.marginals:
             # how sure the model is of each answer with the completion masked (evaluate.marginals)
             marginals = evaluation.target_marginals(
                 self.policy,
                 self.task,
                 self._eval_examples(split),
-                int(self.cfg["task"]["completion_length"]),
-                int(self.cfg["eval"]["batch_size"]),
+                self.cfg.task.completion_length,
+                self.cfg.eval.batch_size,
                 self.zero3_params,
             )
             metrics["marginal_argmax_acc"] = marginals["argmax_acc"]
@@ -593,7 +594,7 @@ class Trainer:
             self.run_dir / "checkpoints",
             tag,
             self.client_state(next_round, next_inner),
-            int(self.cfg["checkpoint"]["keep_last"]),
+            self.cfg.checkpoint.keep_last,
             rank_state=self.rank_state(buffer),
         )
 
@@ -663,7 +664,7 @@ class Trainer:
     def evaluate_all(self, step: int) -> dict[str, dict[str, float]]:
         """Every split of eval.splits at this step; the validation metric picks checkpoints/best."""
         results = {}
-        for split in self.cfg["eval"]["splits"]:
+        for split in self.cfg.eval.splits:
             results[split] = self.evaluate(split, step)
             self.evals.append({"step": step, "split": split, **results[split]})
             log.info("%s at step %d: %s", split, step, _fmt(results[split]))
@@ -682,16 +683,16 @@ class Trainer:
         return results
 
     def fit(self) -> dict[str, Any]:
-        steps = int(self.cfg["train"]["steps"])
-        eval_every = int(self.cfg["eval"]["every_n_steps"])
-        ckpt_every = int(self.cfg["checkpoint"]["every_n_steps"])
-        log_every = max(1, int(self.cfg["log_every"]))
+        steps = self.cfg.train.steps
+        eval_every = self.cfg.eval.every_n_steps
+        ckpt_every = self.cfg.checkpoint.every_n_steps
+        log_every = max(1, self.cfg.log_every)
         primary = self.task.primary_metric
         self._session_start = time.perf_counter()
         first_round, first_inner, buffer = 0, 0, None
         if self.resume_from is not None:
             first_round, first_inner, buffer = self.restore(self.resume_from)
-        elif self.cfg["eval"]["before_train"]:
+        elif self.cfg.eval.before_train:
             self.base = self.evaluate_all(0).get("test")
         self.last_applied = ResumePoint(
             self.global_step, first_round, first_inner, self.stream.state_dict(), self.rank_state(buffer)

@@ -62,7 +62,7 @@ from omegaconf import DictConfig, OmegaConf
 import dllm_rl  # noqa: F401  (registers the config schemas)
 from dllm_rl.__main__ import _preflight_output_dir
 from dllm_rl.cli_help import exit_with_help_if_asked
-from dllm_rl.config import check_writable, validate
+from dllm_rl.config import RunConfig, check_writable, run_config, validate
 from dllm_rl.console import say, say_error
 from dllm_rl.errors import ConfigError, DllmRlError
 from dllm_rl.lazy import lazy_import
@@ -270,26 +270,28 @@ def _round_examples(trainer: Any, stream_state: dict[str, int]) -> list[dict[str
     return [trainer.train_examples[i] for i in replay.next(trainer.prompts_per_step) for _ in range(trainer.group)]
 
 
-def _setting(cfg: dict[str, Any], choices: dict[str, str]) -> dict[str, Any]:
+def _setting(cfg: RunConfig, choices: dict[str, str]) -> dict[str, Any]:
     """What distinguishes this measurement in a sweep table."""
-    o = cfg["objective"]
-    mc = o.get("mc_samples", o.get("mc_pairs"))
+    o = cfg.objective
+    mc_key = next((key for key in ("mc_samples", "mc_pairs") if hasattr(o, key)), None)
+    spg = o.name == "spg"
     return {
-        "objective": o["name"],
-        "mask": choices.get("objective/mask") or str(o["mask"]["kind"]),
-        "mask_kind": str(o["mask"]["kind"]),
-        "mc": mc,
-        "mc_key": "mc_samples" if "mc_samples" in o else ("mc_pairs" if "mc_pairs" in o else None),
-        "prompt_mask_prob": float(o["mask"]["prompt_mask_prob"]),
-        "omega": float(o["omega"]) if o["name"] == "spg" and str(o["negative_surrogate"]) == "mix" else None,
-        "negative_surrogate": str(o["negative_surrogate"]) if o["name"] == "spg" else None,
-        "task": cfg["task"]["name"],
-        "seed": int(cfg["seed"]),
+        "objective": o.name,
+        "mask": choices.get("objective/mask") or o.mask.kind.value,
+        "mask_kind": o.mask.kind.value,
+        "mc": getattr(o, mc_key) if mc_key else None,
+        "mc_key": mc_key,
+        "prompt_mask_prob": o.mask.prompt_mask_prob,
+        "omega": o.omega if spg and o.negative_surrogate.value == "mix" else None,
+        "negative_surrogate": o.negative_surrogate.value if spg else None,
+        "task": cfg.task.name,
+        "seed": cfg.seed,
     }
 
 
-def run(cfg: dict[str, Any], choices: dict[str, str] | None = None) -> dict[str, Any]:
-    """Measure (module docstring) and write <run_dir>/variance.json; returns what it wrote."""
+def run(resolved: dict[str, Any], choices: dict[str, str] | None = None) -> dict[str, Any]:
+    """Measure (module docstring) and write <run_dir>/variance.json; returns what it wrote. ``resolved`` is
+    the plain config (config.yaml); the measurement reads it typed (config.run_config)."""
     from dllm_rl.build import build_policy, compile_network, quiet_libraries
     from dllm_rl.likelihood.masks import mask_seed
     from dllm_rl.objectives import get_objective
@@ -298,39 +300,41 @@ def run(cfg: dict[str, Any], choices: dict[str, str] | None = None) -> dict[str,
     from dllm_rl.trainer import Trainer
 
     start = time.perf_counter()
-    check(cfg)
+    check(resolved)
+    cfg = run_config(resolved)
     quiet_libraries()
-    if cfg["cluster"]["threads"]:
-        torch.set_num_threads(int(cfg["cluster"]["threads"]))
-    run_dir = Path(cfg["run_dir"])
-    vcfg = cfg["variance"]
-    k_rounds, r_draws = int(vcfg["rounds"]), int(vcfg["mask_draws"])
-    seed = int(cfg["seed"])
-    device = torch.device(cfg["cluster"]["device"])
+    if cfg.cluster.threads:
+        torch.set_num_threads(cfg.cluster.threads)
+    run_dir = Path(cfg.run_dir)
+    vcfg = cfg.variance
+    k_rounds, r_draws = vcfg.rounds, vcfg.mask_draws
+    seed = cfg.seed
+    device = torch.device(cfg.cluster.device)
 
-    task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
+    task = get_task(cfg.task.name, cfg.task, Path(cfg.cache_dir).expanduser())
     policy, base_info = build_policy(cfg, task)  # model.path, or the cached warm-started base
-    if cfg["model"]["gradient_checkpointing"]:
+    if cfg.model.gradient_checkpointing:
         policy.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     policy.model.to(device)
-    if cfg["model"].get("compile"):
+    if cfg.model.compile:
         compile_network(policy.model, device)
-    sampler = get_sampler(cfg["sampler"])
-    micro = int(cfg["train"]["micro_batch_per_gpu"])
-    group = int(cfg["rollout"]["samples_per_prompt"])
+    sampler = get_sampler(cfg.sampler)
+    micro = cfg.train.micro_batch_per_gpu
+    group = cfg.rollout.samples_per_prompt
     # μ = 1: the step-0 gradient is all that is measured, and prepare then scores no later steps.
-    objective = get_objective({**cfg["objective"], "inner_iterations": 1}, seed, group_size=group, micro_batch=micro)
+    section = dataclasses.replace(cfg.objective, inner_iterations=1)
+    objective = get_objective(section, seed, group_size=group, micro_batch=micro)
     if objective.needs_reference:
         policy.attach_reference()
     named = [(n, p) for n, p in policy.model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     size = sum(p.numel() for p in params)
-    split = bool(vcfg["split_positions"])
+    split = vcfg.split_positions
     stored_gib = (2 if split else 1) * k_rounds * r_draws * size * 4 / 2**30
-    if stored_gib > float(vcfg["max_gradient_gib"]):
+    if stored_gib > vcfg.max_gradient_gib:
         raise ConfigError(
             f"variance: {k_rounds}x{r_draws} gradients of {size} parameters take {stored_gib:.1f} GiB "
-            f"> variance.max_gradient_gib={vcfg['max_gradient_gib']} (fewer rounds or draws, or LoRA)"
+            f"> variance.max_gradient_gib={vcfg.max_gradient_gib} (fewer rounds or draws, or LoRA)"
         )
     trainer = Trainer(cfg, policy, None, task, sampler, objective, None, run_dir)
     setup_seconds = time.perf_counter() - start
@@ -341,7 +345,7 @@ def run(cfg: dict[str, Any], choices: dict[str, str] | None = None) -> dict[str,
     blind_per_row: list[float] = []
     rounds: list[dict[str, float]] = []
     rollout_seconds = gradient_seconds = 0.0
-    dropout = bool(cfg["objective"]["loss_forward_dropout"])
+    dropout = cfg.objective.loss_forward_dropout
     for k in range(k_rounds):
         t0 = time.perf_counter()
         state = trainer.stream.state_dict()

@@ -24,8 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dllm_rl.config import RunConfig, WarmstartCfg
 from dllm_rl.models.policy import Policy, build_tiny
 from dllm_rl.positions import position_ids_from_attention_mask
+from dllm_rl.schema import plain
 from dllm_rl.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -72,15 +74,15 @@ def encode_targets(policy: Policy, targets: list[str], length: int) -> torch.Ten
     return torch.tensor(rows, dtype=torch.long, device=policy.device)
 
 
-def train_base(policy: Policy, task: Task, ws_cfg: Mapping[str, Any], length: int) -> dict[str, float]:
+def train_base(policy: Policy, task: Task, ws: WarmstartCfg, length: int) -> dict[str, float]:
     """Masked-diffusion training on the task's training split; returns timing and the last loss."""
     examples = task.dataset("train").to_list()
-    g = torch.Generator().manual_seed(int(ws_cfg["seed"]))
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=float(ws_cfg["lr"]), weight_decay=0.0)
+    g = torch.Generator().manual_seed(ws.seed)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=ws.lr, weight_decay=0.0)
     policy.model.train()
     start, last = time.perf_counter(), float("nan")
-    batch_size, t_min = int(ws_cfg["batch_size"]), float(ws_cfg["t_min"])
-    for _ in range(int(ws_cfg["steps"])):
+    batch_size, t_min = ws.batch_size, ws.t_min
+    for _ in range(ws.steps):
         rows = [examples[i] for i in torch.randint(len(examples), (batch_size,), generator=g).tolist()]
         prompt_ids, prompt_attn = policy.encode_prompts([row["prompt"] for row in rows], chat=task.chat)
         target = encode_targets(policy, [task.target(row) for row in rows], length)
@@ -102,18 +104,19 @@ def train_base(policy: Policy, task: Task, ws_cfg: Mapping[str, Any], length: in
     return {"warmstart_seconds": time.perf_counter() - start, "warmstart_final_loss": last}
 
 
-def ensure_base(cfg: Mapping[str, Any], task: Task) -> tuple[Path, dict[str, Any]]:
+def ensure_base(cfg: RunConfig, task: Task) -> tuple[Path, dict[str, Any]]:
     """Path of the cached warm-started base for this config, training and caching it if missing."""
-    model_cfg, ws_cfg = cfg["model"], cfg["warmstart"]
-    name = f"{model_cfg['name']}-{cfg['task']['name']}-{base_signature(model_cfg, cfg['task'], ws_cfg)}"
-    target = Path(cfg["cache_dir"]).expanduser() / "bases" / name
+    ws = cfg.warmstart
+    signature = base_signature(plain(cfg.model), plain(cfg.task), plain(ws))
+    name = f"{cfg.model.name}-{cfg.task.name}-{signature}"
+    target = Path(cfg.cache_dir).expanduser() / "bases" / name
     if (target / "warmstart.json").is_file():
         info = json.loads((target / "warmstart.json").read_text())
         log.info("using the cached warm-started base %s", target)
         return target, {**info, "cached": True}
-    log.info("no warm-started base in the cache: training one (%d steps)", ws_cfg["steps"])
-    policy = build_tiny(model_cfg, task.alphabet, seed=int(ws_cfg["seed"]))
-    info = train_base(policy, task, ws_cfg, cfg["sampler"]["gen_length"])
+    log.info("no warm-started base in the cache: training one (%d steps)", ws.steps)
+    policy = build_tiny(cfg.model, task.alphabet, seed=ws.seed)
+    info = train_base(policy, task, ws, cfg.sampler.gen_length)
     tmp = target.parent / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -21,7 +21,7 @@ import yaml
 from dllm_rl import checkpoint, rundir
 from dllm_rl.build import build_policy, build_training, quiet_libraries
 from dllm_rl.checkpoint import write_text_atomic
-from dllm_rl.config import world_size
+from dllm_rl.config import CheckpointCfg, run_config, world_size
 from dllm_rl.console import detach_library_loggers, exit_preempted, library_output_to
 from dllm_rl.distributed import (
     barrier,
@@ -104,16 +104,15 @@ def _previous_attempt(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def resume_point(cfg: dict[str, Any], run_dir: Path) -> Path | None:
+def resume_point(ccfg: CheckpointCfg, run_dir: Path) -> Path | None:
     """The checkpoint this run continues from (checkpoint.resume_mode); collective, the same for all ranks."""
-    ccfg = cfg["checkpoint"]
-    mode = ccfg["resume_mode"]
+    mode = ccfg.resume_mode
     path: Path | None = None
     if mode == "path":
-        path = Path(os.path.expanduser(str(ccfg["resume_path"]))).absolute()
+        path = Path(os.path.expanduser(str(ccfg.resume_path))).absolute()
         why = checkpoint.verify(path)  # sizes and content hashes (every rank checks a share of the files)
         if why is not None:
-            raise DllmRlError(f"checkpoint.resume_path={ccfg['resume_path']}: cannot resume from it: {why}")
+            raise DllmRlError(f"checkpoint.resume_path={ccfg.resume_path}: cannot resume from it: {why}")
     elif mode == "auto":
         path, warnings = checkpoint.resumable(run_dir / "checkpoints")
         for w in warnings:
@@ -125,60 +124,65 @@ def resume_point(cfg: dict[str, Any], run_dir: Path) -> Path | None:
     return path
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Train one run described by the resolved config; returns (and rank 0 writes) the summary.
+def run(resolved: dict[str, Any]) -> dict[str, Any]:
+    """Train one run described by the resolved config (the plain dict of config.yaml); returns (and rank 0
+    writes) the summary.
 
     Collective: with several processes every rank calls it (torch.distributed comes from the
     environment: elastic launch, torchrun or SLURM). A run directory that holds checkpoints continues
     from the newest complete one (checkpoint.resume_mode=auto).
     """
     start = time.perf_counter()
-    run_dir = Path(cfg["run_dir"])
+    cfg = run_config(resolved)  # every section typed (config.run_config)
+    run_dir = Path(cfg.run_dir)
     # Provisional until the resume point is known: an attempt that fails before then still passes
     # the count on to the next one.
     attempts = _previous_attempt(run_dir)
     # The rank log exists before DeepSpeed is imported: its build noise goes there, not to the console.
     handler = rank_logging(run_dir, global_rank())
     quiet_libraries()
-    if cfg["cluster"]["threads"]:
-        torch.set_num_threads(int(cfg["cluster"]["threads"]))
+    if cfg.cluster.threads:
+        torch.set_num_threads(cfg.cluster.threads)
     with library_output_to(handler):
-        init_distributed(cfg["cluster"]["backend"])
+        init_distributed(cfg.cluster.backend)
     rank, world = rank_world()
     main = rank == 0
     stop = StopRequests().install()
     tracker = None
     status: dict[str, Any] = {"status": "starting", "started": time.time(), "world_size": world, **attempts}
     try:
-        if world != world_size(cfg["cluster"]):
+        if world != world_size(cfg.cluster):
             raise DllmRlError(
                 f"{world} processes joined, but the config asks for cluster.nodes*cluster.nproc="
-                f"{world_size(cfg['cluster'])} (start as many as it says)"
+                f"{world_size(cfg.cluster)} (start as many as it says)"
             )
-        layout = rank_layout(cfg["cluster"])
+        layout = rank_layout(cfg.cluster.nproc)
         # Rank 0 generates the data and warm-starts the base into the cache; the others then read them.
         if not main:
             barrier()
-        task = get_task(cfg["task"]["name"], cfg["task"], Path(cfg["cache_dir"]).expanduser())
+        task = get_task(cfg.task.name, cfg.task, Path(cfg.cache_dir).expanduser())
         policy, base_info = build_policy(cfg, task)
         if main:
             barrier()
-        sampler, objective, engine = build_training(cfg, policy, run_device(cfg))
+        sampler, objective, engine = build_training(cfg, policy, run_device(cfg.cluster.device))
         ranks = gather_layouts({**layout, "rank": rank, "world_size": world})
         if main and world > 1:
             log.info(
                 "ranks: %s",
                 ", ".join(f"{r['rank']} = node {r['node_rank']} local {r['local_rank']} ({r['host']})" for r in ranks),
             )
-        resume = resume_point(cfg, run_dir)
+        resume = resume_point(cfg.checkpoint, run_dir)
         if resume is None or run_dir.absolute() not in resume.absolute().parents:
             # The result continues no earlier attempt of this directory: its wall time starts here.
             status.update(attempt=1, wall_seconds_before=0.0)
         if resume is not None:
             info = checkpoint.manifest(resume)
-            tracker = Tracker(run_dir, cfg, main, resume_step=int(info["global_step"]), wandb_id=info.get("wandb_id"))
+            step, wandb_id = int(info["global_step"]), info.get("wandb_id")
         else:
-            tracker = Tracker(run_dir, cfg, main)
+            step, wandb_id = None, None
+        tracker = Tracker(
+            run_dir, cfg.logging, main, resume_step=step, wandb_id=wandb_id, run_name=cfg.run_name, config=resolved
+        )
         status = {**status, "status": "running", "resumed_from": None if resume is None else str(resume)}
         if main:
             _write_status(run_dir, status)
@@ -210,9 +214,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     primary = result["primary_metric"]
     summary = {
         "run_dir": str(run_dir),
-        "objective": cfg["objective"]["name"],
-        "task": cfg["task"]["name"],
-        "seed": cfg["seed"],
+        "objective": cfg.objective.name,
+        "task": cfg.task.name,
+        "seed": cfg.seed,
         "world_size": world,
         # every rank's place: node rank, local rank, host (distributed.rank_layout)
         "ranks": ranks,

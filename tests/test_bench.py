@@ -140,11 +140,12 @@ def test_8b_sizes_read_for_flops_match_the_network(model):
     """The FLOP count of the GPU bench reads the sizes the network is really built with (LoRA r128 on)."""
     bench = load_bench()
     from dllm_rl.build import build_policy
+    from dllm_rl.config import run_config
 
     args = bench.parse_args([f"--model={model}", "--device=cpu", "--dtype=bfloat16"])
     cfg = bench.compose_config(bench.config_overrides(args))
     with torch.device("meta"):
-        policy, _ = build_policy(cfg, SimpleNamespace(alphabet=bench.ALPHABET))
+        policy, _ = build_policy(run_config(cfg), SimpleNamespace(alphabet=bench.ALPHABET))
     arch = bench.architecture(policy.model)
     mcfg = cfg["model"]
     assert arch["hidden_size"] == mcfg["hidden_size"] and arch["num_hidden_layers"] == mcfg["num_layers"]

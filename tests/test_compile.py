@@ -13,24 +13,25 @@ import functools
 import pytest
 import torch
 
+from dllm_rl.config import RunConfig
 from dllm_rl.errors import DllmRlError
 
 ALPHABET = "0123456789+-*/=() abcdefghij"
 
 
-def compose(*overrides: str) -> dict:
+def compose(*overrides: str) -> RunConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from omegaconf import OmegaConf
 
     import dllm_rl  # noqa: F401  (registers the config schemas)
-    from dllm_rl.config import validate
+    from dllm_rl.config import run_config, validate
 
     with initialize_config_module(config_module="dllm_rl.conf", version_base="1.3"):
         cfg = hydra_compose("config", overrides=list(overrides))
     OmegaConf.to_object(cfg)
     validate(cfg)
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return run_config(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
 def first_step(compiled: bool, monkeypatch, graphs: list) -> tuple[float, dict[str, torch.Tensor]]:
@@ -83,7 +84,7 @@ def first_step(compiled: bool, monkeypatch, graphs: list) -> tuple[float, dict[s
         round=0,
     )
     objective.prepare(batch, policy)
-    engine.train(bool(cfg["objective"]["loss_forward_dropout"]))
+    engine.train(cfg.objective.loss_forward_dropout)
     loss, _ = objective.loss(batch, policy, 0)
     engine.backward(loss)
     engine.step()

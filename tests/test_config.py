@@ -16,10 +16,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 import dllm_rl  # noqa: F401  (ConfigStore registration)
-from dllm_rl.config import SCHEMAS, Config, MaskCfg, ObjectiveCfg, apply_round_budget, check_writable, validate
+from dllm_rl.config import Config, RunConfig, apply_round_budget, check_writable, run_config, validate
 from dllm_rl.errors import ConfigError
+from dllm_rl.likelihood.masks import MaskCfg
 from dllm_rl.objectives import OBJECTIVES
+from dllm_rl.objectives.base import ObjectiveCfg
 from dllm_rl.samplers import SAMPLERS
+from dllm_rl.schema import SCHEMAS
 from dllm_rl.tasks import TASKS, get_task
 
 CONF_DIR = Path(dllm_rl.__file__).parent / "conf"
@@ -324,7 +327,7 @@ def test_optimizer_type_reaches_deepspeed():
     from dllm_rl.build import deepspeed_config
 
     def ds(*overrides: str) -> dict:
-        return deepspeed_config(OmegaConf.to_container(_compose(*overrides), resolve=True))
+        return deepspeed_config(run_config(OmegaConf.to_container(_compose(*overrides), resolve=True)))
 
     adam = ds()
     assert adam["optimizer"]["type"] == "AdamW" and "zero_allow_untested_optimizer" not in adam
@@ -338,11 +341,11 @@ def test_optimizer_type_reaches_deepspeed():
 def test_cosine_schedule_runs_every_step_from_lr_down_to_its_floor():
     from dllm_rl.build import deepspeed_config, lr_lambda, lr_scheduler
 
-    def built(*overrides: str) -> dict:
+    def built(*overrides: str) -> RunConfig:
         cfg = OmegaConf.to_container(_compose(*overrides), resolve=True)
         apply_round_budget(cfg)  # as the CLI does before anything reads train.steps
         validate(cfg)
-        return cfg
+        return run_config(cfg)
 
     plain = built()
     assert "scheduler" not in deepspeed_config(plain) and lr_scheduler(plain) is None

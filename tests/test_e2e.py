@@ -152,9 +152,10 @@ def test_checkpoint_reloads_into_deepspeed_and_from_pretrained(finished_run):
 
     init_distributed("gloo")
     from dllm_rl.build import deepspeed_config
+    from dllm_rl.config import run_config
 
     engine, *_ = deepspeed.initialize(
-        model=base.model, model_parameters=list(base.model.parameters()), config=deepspeed_config(cfg)
+        model=base.model, model_parameters=list(base.model.parameters()), config=deepspeed_config(run_config(cfg))
     )
     before = {k: v.clone() for k, v in engine.module.state_dict().items()}
     path, client_state = engine.load_checkpoint(str(run_dir / "checkpoints"), tag="final")

@@ -3,6 +3,7 @@ transformers, torch elastic launch with gloo), on the tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -10,8 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 from forked import run_module
+from run_configs import composed
 from test_e2e import REPO, child_env
 
+from dllm_rl.config import EvaluateCfg, ModelCfg
 from dllm_rl.errors import ConfigError
 from dllm_rl.evaluate import protocol, resolve_checkpoint
 from dllm_rl.models.policy import build_tiny
@@ -27,6 +30,17 @@ SMALL = [
     "evaluate.gen_lengths=[16,32]",
     "logging=none",
 ]
+
+
+def small_model(max_position_embeddings: int) -> ModelCfg:
+    return ModelCfg(
+        name="tiny",
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        dtype="float32",
+    )
 
 
 def run_eval(tmp: Path, name: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
@@ -106,30 +120,25 @@ def test_bad_checkpoint_is_one_line(tmp_path):
 
 
 def test_resolve_checkpoint_finds_a_runs_best_then_final_export(tmp_path):
-    policy = build_tiny(
-        {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 32, "dtype": "float32"},
-        "01234",
-        seed=0,
-    )
+    policy = build_tiny(small_model(32), "01234", seed=0)
     run = tmp_path / "run"
     policy.save(run / "checkpoints" / "final" / "hf")
-    cfg = {"evaluate": {"checkpoint": str(run)}, "model": {"path": None, "name": "tiny"}}
+    cfg = composed()
+    assert cfg.model.path is None and cfg.model.name == "tiny"
+    cfg.evaluate.checkpoint = str(run)
     assert resolve_checkpoint(cfg)[0] == str(run / "checkpoints" / "final" / "hf")
     policy.save(run / "checkpoints" / "best" / "hf")
     assert resolve_checkpoint(cfg)[0] == str(run / "checkpoints" / "best" / "hf")
-    cfg["evaluate"]["checkpoint"] = str(run / "checkpoints")
+    cfg.evaluate.checkpoint = str(run / "checkpoints")
     assert resolve_checkpoint(cfg)[0] == str(run / "checkpoints" / "best" / "hf")
-    cfg["evaluate"]["checkpoint"] = str(run / "checkpoints" / "final" / "hf")
-    assert resolve_checkpoint(cfg) == (cfg["evaluate"]["checkpoint"], "evaluate.checkpoint as given")
-    cfg = {"evaluate": {"checkpoint": None}, "model": {"path": None, "name": "tiny"}}
+    cfg.evaluate.checkpoint = str(run / "checkpoints" / "final" / "hf")
+    assert resolve_checkpoint(cfg) == (cfg.evaluate.checkpoint, "evaluate.checkpoint as given")
+    cfg = composed()
+    cfg.evaluate.checkpoint = None
     assert resolve_checkpoint(cfg)[0] is None  # the cached warm-started base
+    cfg.model = dataclasses.replace(cfg.model, name="llada_8b_instruct", requires_path=True)
     with pytest.raises(ConfigError, match="give evaluate.checkpoint"):
-        resolve_checkpoint(
-            {
-                "evaluate": {"checkpoint": None},
-                "model": {"path": None, "name": "llada_8b_instruct", "requires_path": True},
-            }
-        )
+        resolve_checkpoint(cfg)
 
 
 @pytest.mark.parametrize(
@@ -137,7 +146,7 @@ def test_resolve_checkpoint_finds_a_runs_best_then_final_export(tmp_path):
     [(128, 0.5, (32, 64)), (256, 0.5, (32, 128)), (512, 1.0, (32, 512)), (16, 0.5, (16, 8)), (48, 0.5, None)],
 )
 def test_protocol_block_and_steps(length, per_token, expected):
-    ecfg = {"block_length": 32, "steps_per_token": per_token}
+    ecfg = EvaluateCfg(block_length=32, steps_per_token=per_token)
     if expected is None:
         with pytest.raises(ConfigError, match="not a multiple"):
             protocol(ecfg, length)
@@ -157,11 +166,7 @@ def test_marginals_score_the_reference_token_at_the_positions_the_reward_reads(t
 
     task = get_task("sudoku", {"train_size": 50, "validation_size": 4, "test_size": 6}, tmp_path)
     examples = task.dataset("test").to_list()
-    policy = build_tiny(
-        {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 64, "dtype": "float32"},
-        task.alphabet,
-        seed=0,
-    )
+    policy = build_tiny(small_model(64), task.alphabet, seed=0)
     vocab = len(policy.tokenizer)
     digits = [policy.tokenizer.convert_tokens_to_ids(d) for d in "1234"]
     answers = [[policy.tokenizer.convert_tokens_to_ids(c) for c in ex["solution"]] for ex in examples]

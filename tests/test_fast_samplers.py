@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dllm_rl.config import FamilyName, ModelCfg
 from dllm_rl.kv_cache import WindowKVCache
 from dllm_rl.models.policy import Policy, build_tiny
 from dllm_rl.positions import position_ids_from_attention_mask
@@ -22,15 +23,16 @@ ALPHABET = "0123456789abcdef"
 
 def tiny_policy(family: str = "llada", scale: float = 4.0, seed: int = 0, layers: int = 2) -> Policy:
     """A random policy whose weights are scaled so that predictions are input dependent and peaked."""
-    cfg = {
-        "family": family,
-        "hidden_size": 32,
-        "num_layers": layers,
-        "num_heads": 4,
-        "num_kv_heads": 2 if family != "tiny" else None,
-        "max_position_embeddings": 128,
-        "dtype": "float32",
-    }
+    cfg = ModelCfg(
+        name="tiny",
+        family=FamilyName(family),
+        hidden_size=32,
+        num_layers=layers,
+        num_heads=4,
+        num_kv_heads=2 if family != "tiny" else None,
+        max_position_embeddings=128,
+        dtype="float32",
+    )
     policy = build_tiny(cfg, ALPHABET, seed)
     with torch.no_grad():
         for p in policy.model.parameters():

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from dllm_rl import checkpoint
+from dllm_rl.config import CheckpointCfg, ModelCfg
 from dllm_rl.errors import DllmRlError, NonFiniteError
 from dllm_rl.models.policy import build_tiny
 
@@ -146,9 +147,8 @@ def test_damaged_bytes_in_any_checkpoint_file_fall_back_to_the_previous_checkpoi
     assert target.stat().st_size == size
     why = checkpoint.problem(ckpt / "step_5")
     assert why is not None and (target.name in why or "manifest.json" in why), why
-    cfg = {"checkpoint": {"resume_mode": "auto"}}
     with caplog.at_level(logging.WARNING):
-        assert resume_point(cfg, run_dir) == ckpt / "step_4"
+        assert resume_point(CheckpointCfg(resume_mode="auto"), run_dir) == ckpt / "step_4"
     assert f"checkpoint {ckpt / 'step_5'} cannot be resumed from: {why}" in caplog.text
     assert f"resuming from {ckpt / 'step_4'}, the newest checkpoint that verifies" in caplog.text
 
@@ -181,7 +181,7 @@ def test_a_manifest_without_hashes_is_still_accepted_on_sizes(finished, tmp_path
 
 # ----------------------------------------------------------------------------- saves on a real engine
 
-TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 64, "dtype": "float32"}
+TINY = ModelCfg(name="tiny", hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=64, dtype="float32")
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])

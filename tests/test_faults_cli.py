@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 from forked import run_module
+from run_configs import composed
 from test_e2e import FAST, REPO, child_env, run_cli
 
 from dllm_rl.evaluate import resolve_checkpoint
@@ -203,7 +204,9 @@ def test_checkpoint_choice_says_why_there_is_no_best(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / "final" / "hf").mkdir(parents=True)
     (run / "checkpoints" / "final" / "hf" / "config.json").write_text("{}")
-    cfg = {"evaluate": {"checkpoint": str(run)}, "model": {"path": None, "name": "tiny"}}
+    cfg = composed()
+    assert cfg.model.path is None and cfg.model.name == "tiny"
+    cfg.evaluate.checkpoint = str(run)
     path, why = resolve_checkpoint(cfg)
     assert path == str(run / "checkpoints" / "final" / "hf") and "no summary.json says why" in why
     (run / "summary.json").write_text(json.dumps({"best": {"step": 0}}))

@@ -189,13 +189,14 @@ def test_without_flock_the_run_goes_on_unlocked_with_a_warning(tmp_path, monkeyp
 
 
 def test_a_non_utf8_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
+    from dllm_rl.config import LoggingCfg
     from dllm_rl.tracking import Tracker
 
     path = tmp_path / "metrics.jsonl"
     records = [json.dumps({"step": s, "loss": 0.5}).encode() for s in (1, 2, 3)]
     path.write_bytes(b"\n".join([records[0], b"\xff\xfe garbage \x80" * 300, records[1], b"plain text", records[2]]))
     with caplog.at_level(logging.WARNING, logger="dllm_rl"):
-        Tracker(tmp_path, {"logging": {"backend": "none"}}, resume_step=2).finish()
+        Tracker(tmp_path, LoggingCfg(backend="none"), resume_step=2).finish()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [

@@ -4,14 +4,15 @@ last good checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from run_configs import composed
 
-from dllm_rl.config import OptimCfg
+from dllm_rl.config import DeepSpeedCfg, ModelCfg, OptimCfg, RunConfig
 from dllm_rl.errors import DllmRlError, NonFiniteError
 from dllm_rl.models.policy import build_tiny, load_pretrained
 from dllm_rl.objectives import RolloutBatch, group_mean_advantages
@@ -19,7 +20,9 @@ from dllm_rl.objectives.base import Objective, finite_or_zero
 from dllm_rl.tracking import Tracker
 from dllm_rl.trainer import LAST_GOOD, Trainer
 
-MODEL_CFG = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 64, "dtype": "float32"}
+MODEL_CFG = ModelCfg(
+    name="tiny", hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=64, dtype="float32"
+)
 N, MICRO, LIMIT = 4, 2, 3  # 4 sequences in 2 micro-batches; abort at the 3rd skipped step in a row
 
 
@@ -77,26 +80,23 @@ class _Rows(list):
         return [{"prompt": "01234"}] * 4
 
 
-def _cfg(stage: int, loss_forward_dropout: bool = True) -> dict:
+def _cfg(stage: int, loss_forward_dropout: bool = True) -> RunConfig:
     zero = {"stage": stage}
     if stage == 3:
         # Tiny tensors are otherwise kept whole ("persistent"); force real partitioning.
         zero["stage3_param_persistence_threshold"] = 0
-    return {
-        "seed": 0,
-        "cluster": {"nproc": 1},
-        "rollout": {"prompts_per_step": N // 2, "samples_per_prompt": 2},
-        "objective": {
-            "inner_iterations": 1,
-            "loss_forward_dropout": loss_forward_dropout,
-            "max_nonfinite_frac": 0.5,
-        },
-        "train": {"micro_batch_per_gpu": MICRO, "max_skipped_steps": LIMIT},
-        "optim": asdict(OptimCfg(lr=1e-2, max_grad_norm=1.0)),
-        "deepspeed": {"zero_optimization": zero, "bf16": {"enabled": False}},
-        "checkpoint": {"keep_last": 2},
-        "logging": {"backend": "none"},
-    }
+    cfg = composed()  # logging=none
+    cfg.seed = 0
+    cfg.cluster = dataclasses.replace(cfg.cluster, nproc=1, nodes=1)
+    cfg.rollout = dataclasses.replace(cfg.rollout, prompts_per_step=N // 2, samples_per_prompt=2)
+    cfg.objective = dataclasses.replace(
+        cfg.objective, inner_iterations=1, loss_forward_dropout=loss_forward_dropout, max_nonfinite_frac=0.5
+    )
+    cfg.train = dataclasses.replace(cfg.train, micro_batch_per_gpu=MICRO, max_skipped_steps=LIMIT)
+    cfg.optim = OptimCfg(lr=1e-2, max_grad_norm=1.0)
+    cfg.deepspeed = DeepSpeedCfg(zero_optimization=zero, bf16={"enabled": False})
+    cfg.checkpoint = dataclasses.replace(cfg.checkpoint, keep_last=2)
+    return cfg
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
@@ -119,9 +119,9 @@ def setup(request):
 
 def _trainer(setup, tmp_path: Path, **cfg_changes) -> tuple[Trainer, _Probe]:
     cfg, policy, engine = setup
-    cfg = {**cfg, "objective": {**cfg["objective"], **cfg_changes}}
+    cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, **cfg_changes))
     objective = _Probe()
-    tracker = Tracker(tmp_path, cfg)
+    tracker = Tracker(tmp_path, cfg.logging)
     return Trainer(cfg, policy, engine, _Task(), None, objective, tracker, tmp_path), objective
 
 
@@ -259,6 +259,6 @@ def test_bf16_runs_check_gradient_overflow():
     from dllm_rl.build import deepspeed_config
 
     cfg = _cfg(2)
-    cfg["deepspeed"] = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}
+    cfg.deepspeed = DeepSpeedCfg(zero_optimization={"stage": 2}, bf16={"enabled": True})
     assert deepspeed_config(cfg)["bf16"]["check_grad_overflow"] is True
     assert "check_grad_overflow" not in deepspeed_config(_cfg(2))["bf16"]

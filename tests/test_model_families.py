@@ -4,6 +4,7 @@ one clear error for each kind of bad checkpoint directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pickle
@@ -15,11 +16,12 @@ from forked import run_module
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from dllm_rl.config import validate
+from dllm_rl.config import LoraCfg, ModelCfg, validate
 from dllm_rl.errors import ConfigError
 from dllm_rl.merge import main as merge_main
 from dllm_rl.models.families import LLADA_CHAT_TEMPLATE, get_family
 from dllm_rl.models.policy import build_tiny, load_pretrained
+from dllm_rl.schema import typed
 from tests.test_config import _compose
 from tests.test_e2e import FAST, REPO, _one_clear_line, run_cli
 
@@ -32,16 +34,15 @@ def _composed_model(name: str, lora: str) -> str:
     return OmegaConf.to_yaml(_compose(f"model={name}", f"model/lora={lora}").model, resolve=True)
 
 
-def model_cfg(name: str, **overrides) -> dict:
+def model_cfg(name: str, **overrides) -> ModelCfg:
     """A model config group as Hydra composes it (the named option over its schema, lora from lora/none)."""
-    cfg = OmegaConf.to_container(OmegaConf.create(_composed_model(name, "none")), enum_to_str=True)
-    cfg.update(overrides)
-    return cfg
+    cfg = typed(ModelCfg, OmegaConf.create(_composed_model(name, "none")), "model")
+    return dataclasses.replace(cfg, **overrides)
 
 
-def small_lora(**overrides) -> dict:
-    lora = OmegaConf.to_container(OmegaConf.create(_composed_model("tiny", "paper")).lora)
-    return {**lora, "r": 4, "alpha": 8, "dropout": 0.0, **overrides}
+def small_lora(**overrides) -> LoraCfg:
+    lora = typed(LoraCfg, OmegaConf.create(_composed_model("tiny", "paper")).lora, "model.lora")
+    return dataclasses.replace(lora, **{"r": 4, "alpha": 8.0, "dropout": 0.0, **overrides})
 
 
 def inputs(policy, batch: int = 2, length: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,12 +4,13 @@ DeepSpeed engine applies exactly the AdamW step plain PyTorch would."""
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
+import dataclasses
 
 import pytest
 import torch
+from run_configs import composed
 
-from dllm_rl.config import OptimCfg
+from dllm_rl.config import DeepSpeedCfg, ModelCfg, OptimCfg
 from dllm_rl.likelihood.bounds import elbo, masked_logp
 from dllm_rl.models.policy import build_tiny
 from dllm_rl.objectives import RolloutBatch, get_objective, group_mean_advantages
@@ -22,7 +23,9 @@ MASK_CFG = {
     "weight": "inv_t_empirical",
     "prompt_mask_prob": 0.0,
 }
-MODEL_CFG = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 64, "dtype": "float32"}
+MODEL_CFG = ModelCfg(
+    name="tiny", hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=64, dtype="float32"
+)
 
 
 def _objective(loss_norm="token_weighted", mc=2):
@@ -131,13 +134,12 @@ def test_deepspeed_engine_step_equals_plain_adamw():
     reference = copy.deepcopy(policy.model)
     batch = _batch(policy, [1.0, 0.0, 0.25, 0.75])
     objective = _objective()
-    cfg = {
-        "cluster": {"nproc": 1},
-        "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2},
-        "train": {"micro_batch_per_gpu": 4},
-        "optim": asdict(OptimCfg(lr=1e-2, max_grad_norm=100.0)),
-        "deepspeed": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}},
-    }
+    cfg = composed()
+    cfg.cluster = dataclasses.replace(cfg.cluster, nproc=1, nodes=1)
+    cfg.rollout = dataclasses.replace(cfg.rollout, prompts_per_step=2, samples_per_prompt=2)
+    cfg.train.micro_batch_per_gpu = 4
+    cfg.optim = OptimCfg(lr=1e-2, max_grad_norm=100.0)
+    cfg.deepspeed = DeepSpeedCfg(zero_optimization={"stage": 2}, bf16={"enabled": False})
     engine, *_ = deepspeed.initialize(
         model=policy.model, model_parameters=list(policy.model.parameters()), config=deepspeed_config(cfg)
     )

@@ -3,16 +3,19 @@ the adapter switched off for LoRA (no second copy), and `Policy.scoring()`."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import dataclasses
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from run_configs import composed
 
-from dllm_rl.config import OptimCfg
+from dllm_rl.config import DeepSpeedCfg, ModelCfg, OptimCfg
 from dllm_rl.models.policy import Policy, build_tiny
 
-MODEL_CFG = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 64, "dtype": "float32"}
+MODEL_CFG = ModelCfg(
+    name="tiny", hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=64, dtype="float32"
+)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -133,13 +136,12 @@ def test_lora_reference_through_a_deepspeed_engine(stage):
     policy, base_logits = _lora_policy()
     policy.attach_reference()
     zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
-    cfg = {
-        "cluster": {"nproc": 1},
-        "rollout": {"prompts_per_step": 1, "samples_per_prompt": 3},
-        "train": {"micro_batch_per_gpu": 3},
-        "optim": asdict(OptimCfg(lr=1e-2, max_grad_norm=1.0)),
-        "deepspeed": {"zero_optimization": zero, "bf16": {"enabled": False}},
-    }
+    cfg = composed()
+    cfg.cluster = dataclasses.replace(cfg.cluster, nproc=1, nodes=1)
+    cfg.rollout = dataclasses.replace(cfg.rollout, prompts_per_step=1, samples_per_prompt=3)
+    cfg.train.micro_batch_per_gpu = 3
+    cfg.optim = OptimCfg(lr=1e-2, max_grad_norm=1.0)
+    cfg.deepspeed = DeepSpeedCfg(zero_optimization=zero, bf16={"enabled": False})
     engine, *_ = deepspeed.initialize(
         model=policy.model,
         model_parameters=[p for p in policy.model.parameters() if p.requires_grad],

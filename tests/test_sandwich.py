@@ -24,10 +24,10 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
 import dllm_rl
-from dllm_rl.config import MaskCfg, validate
+from dllm_rl.config import validate
 from dllm_rl.errors import ConfigError
 from dllm_rl.likelihood import coupled_score, elbo, eubo, mask_seed, sample_masks
-from dllm_rl.likelihood.masks import Stratum
+from dllm_rl.likelihood.masks import MaskCfg, Stratum
 from dllm_rl.objectives import RolloutBatch, get_objective
 from dllm_rl.objectives.base import metric_weight
 from dllm_rl.objectives.spg import SPGCfg

@@ -196,18 +196,17 @@ def test_rank_layout_is_node_major():
     from dllm_rl.distributed import rank_layout
     from dllm_rl.errors import ConfigError
 
-    cluster = {"nproc": 2, "nodes": 2}
     for node in (0, 1):
         for local in (0, 1):
             rank = node * 2 + local
             torchrun = {"RANK": rank, "WORLD_SIZE": 4, "GROUP_RANK": node, "LOCAL_RANK": local, "LOCAL_WORLD_SIZE": 2}
             slurm = {"SLURM_PROCID": rank, "SLURM_NTASKS": 4, "SLURM_NODEID": node, "SLURM_LOCALID": local}
             for env in (torchrun, slurm):
-                layout = rank_layout(cluster, {k: str(v) for k, v in env.items()})
+                layout = rank_layout(2, {k: str(v) for k, v in env.items()})
                 assert (layout["rank"], layout["node_rank"], layout["local_rank"]) == (rank, node, local)
                 assert layout["expected_rank"] == rank and layout["world_size"] == 4
     with pytest.raises(ConfigError, match="3 processes were started on node 1, but cluster.nproc=2"):
-        rank_layout(cluster, {"RANK": "5", "GROUP_RANK": "1", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3"})
+        rank_layout(2, {"RANK": "5", "GROUP_RANK": "1", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3"})
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from dllm_rl.config import ModelCfg
 from dllm_rl.errors import ConfigError
 from dllm_rl.evaluation import fit_prompts, paper_subset
 from dllm_rl.models.policy import build_tiny
@@ -20,7 +21,7 @@ from dllm_rl.tasks.sudoku import SUDOKU_SYSTEM_PROMPT, chat_answer
 SMALL = {"train_size": 300, "validation_size": 32, "test_size": 32}
 SOLUTION = "1234341221434321"
 PUZZLE = "0204300201030301"
-TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 64, "dtype": "float32"}
+TINY = ModelCfg(name="tiny", hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=64, dtype="float32")
 
 
 @pytest.fixture

@@ -4,21 +4,25 @@ test_zero3_rollouts.py."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
+from run_configs import composed
 
 import dllm_rl  # noqa: F401  (ConfigStore registration)
 from dllm_rl import evaluation, zero3
-from dllm_rl.config import validate
+from dllm_rl.config import ModelCfg, validate
 from dllm_rl.errors import ConfigError
 from dllm_rl.models.policy import build_tiny
 from dllm_rl.samplers import get_sampler
 from dllm_rl.tracking import Tracker
 from dllm_rl.trainer import Trainer
 
-MODEL_CFG = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 32, "dtype": "float32"}
+MODEL_CFG = ModelCfg(
+    name="tiny", hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=32, dtype="float32"
+)
 
 
 def _compose(*overrides: str):
@@ -103,14 +107,14 @@ class _Task:
 def test_trainer_rollouts_and_evaluations_use_the_configured_mode(tmp_path: Path):
     """The trainer hands rollout.zero3_params to both of its generation paths (here: the bad value
     reaching zero3 from each of them)."""
-    cfg = {
-        "seed": 0,
-        "rollout": {"prompts_per_step": 1, "samples_per_prompt": 2, "micro_batch": 2, "zero3_params": "bogus"},
-        "objective": {"inner_iterations": 1},
-        "eval": {"num_examples": None, "batch_size": 2},
-        "logging": {"backend": "none"},
-    }
-    trainer = Trainer(cfg, _policy(), None, _Task(), _sampler(), None, Tracker(tmp_path, cfg), tmp_path)
+    cfg = composed()  # logging=none
+    cfg.seed = 0
+    cfg.rollout = dataclasses.replace(
+        cfg.rollout, prompts_per_step=1, samples_per_prompt=2, micro_batch=2, zero3_params="bogus"
+    )
+    cfg.objective.inner_iterations = 1
+    cfg.eval = dataclasses.replace(cfg.eval, num_examples=None, batch_size=2)
+    trainer = Trainer(cfg, _policy(), None, _Task(), _sampler(), None, Tracker(tmp_path, cfg.logging), tmp_path)
     with pytest.raises(ConfigError, match="rollout.zero3_params='bogus'"):
         trainer.rollout(0)
     with pytest.raises(ConfigError, match="rollout.zero3_params='bogus'"):

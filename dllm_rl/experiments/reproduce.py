@@ -256,20 +256,17 @@ def prepare_bases(extra: list[str]) -> dict[str, Path]:
     """Each task's data and cached base (a warm-started model), made here once before lanes could build the
     same ones twice; a run from model.path has no base to make."""
     from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
 
+    from dllm_rl.config import run_config
     from dllm_rl.tasks import get_task
     from dllm_rl.warmstart import ensure_base
 
     bases = {}
     with initialize_config_module(config_module="dllm_rl.conf", version_base="1.3"):
         for task in TASKS:
-            cfg = OmegaConf.to_container(
-                compose("config", overrides=[f"task={task}", *extra]), resolve=True, enum_to_str=True
-            )
-            cache = Path(cfg["cache_dir"]).expanduser()
-            loaded = get_task(task, cfg["task"], cache)  # generates and caches the data set
-            if cfg["model"]["path"] is None and cfg["warmstart"]["enabled"] and not cfg["model"].get("requires_path"):
+            cfg = run_config(compose("config", overrides=[f"task={task}", *extra]))
+            loaded = get_task(task, cfg.task, Path(cfg.cache_dir).expanduser())  # generates and caches the data set
+            if cfg.model.path is None and cfg.warmstart.enabled and not cfg.model.requires_path:
                 bases[task], _ = ensure_base(cfg, loaded)
     return bases
 

@@ -39,20 +39,114 @@ Weights, with n the copy's scored count (0 when n = 0, i.e. 0·(1/0) := 0):
   and 1/(D/(D+1) − t) for a stratified coupled pair (GDSD-TLC / ESPO).
 Unbiased ELBO estimators (README, "Objectives"): random+bernoulli+inv_t_sampled with t ~ U(0,1);
 random+exact+inv_t_empirical; the same two coupled; stratified+coupled+tlc.
+
+The schedule's schema, ``MaskCfg`` (``objective.mask``, and DMPO's ``objective.rollout_mask``), and its
+rules, ``check_mask``, are declared here, beside ``sample_masks`` that reads it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
-from dllm_rl.config import BlockChoice, CountMode, FutureBlocks, MaskCfg, MaskKind, MaskScope, MaskWeight, typed
 from dllm_rl.lazy import lazy_import
+from dllm_rl.schema import option, typed
 
 torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
+
+
+# ------------------------------------------------------------------------------------------ schema
+
+
+class MaskKind(Enum):
+    full = "full"
+    random = "random"
+    blockwise = "blockwise"
+    stratified = "stratified"
+
+
+class CountMode(Enum):
+    bernoulli = "bernoulli"
+    exact = "exact"
+
+
+class MaskWeight(Enum):
+    none = "none"
+    inv_t_sampled = "inv_t_sampled"
+    inv_t_empirical = "inv_t_empirical"
+    inv_count = "inv_count"
+    tlc = "tlc"
+
+
+class MaskScope(Enum):
+    valid = "valid"
+    all = "all"
+
+
+class BlockChoice(Enum):
+    uniform_distinct = "uniform_distinct"
+    reference_modulo = "reference_modulo"
+
+
+class FutureBlocks(Enum):
+    include = "include"
+    exclude = "exclude"
+
+
+class StratifyOver(Enum):
+    microbatch = "microbatch"
+    group = "group"
+
+
+@dataclass
+class MaskCfg:
+    # mask-sampling schedule
+    kind: MaskKind = MaskKind.random
+    coupled: bool = False
+    # exact: n = ceil(t*L) positions chosen uniformly; bernoulli: each position with probability t
+    count_mode: CountMode = CountMode.exact
+    # t ~ U(t_min, t_max)
+    t_min: float = 0.0
+    # upper end of the mask ratio
+    t_max: float = 1.0
+    # only positions up to the first EOS are scored
+    scope: MaskScope = MaskScope.valid
+    # L / (masked count)
+    weight: MaskWeight = MaskWeight.inv_t_empirical
+    # probability of masking each prompt (and clean earlier-block) position; 0 = the prompt is never masked
+    prompt_mask_prob: float = 0.0
+    block_len: int = 32
+    # uniform_distinct: copies take distinct blocks uniformly; reference_modulo: SPG code's permutation rule
+    block_choice: BlockChoice = BlockChoice.uniform_distinct
+    # include: later (fully masked) blocks are scored too, as in SPG's code; exclude: masked, not scored
+    future_blocks: FutureBlocks = FutureBlocks.include
+    # rows of one stratum: microbatch (reference) | group
+    stratify_over: StratifyOver = StratifyOver.microbatch
+
+
+def check_mask(m: Any, where: str, copies: int | None, need: Callable[[bool, str], None]) -> None:
+    """Rules of one mask schedule; ``copies`` is the number of masked copies drawn per sequence."""
+    kind = option(m, "kind")
+    need(
+        0.0 <= m["t_min"] < m["t_max"] <= 1.0,
+        f"{where}.t_min={m['t_min']} and {where}.t_max={m['t_max']} need 0 <= t_min < t_max <= 1",
+    )
+    need(0.0 <= m["prompt_mask_prob"] < 1.0, f"{where}.prompt_mask_prob={m['prompt_mask_prob']} must be in [0, 1)")
+    need(m["block_len"] >= 1, f"{where}.block_len={m['block_len']} must be >= 1")
+    if m["coupled"]:
+        need(
+            kind in ("random", "stratified"),
+            f"{where}.coupled=true needs {where}.kind random or stratified (not {kind})",
+        )
+        if copies is not None:
+            need(copies % 2 == 0, f"{where}.coupled=true draws pairs: the number of copies ({copies}) must be even")
+
+
+# ------------------------------------------------------------------------------------------- draws
 
 
 def mask_seed(*parts: int | str) -> int:

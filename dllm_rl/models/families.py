@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from dllm_rl.config import ModelCfg
 from dllm_rl.errors import ConfigError
 from dllm_rl.models.char_tokenizer import Specials
 
@@ -68,7 +69,7 @@ class Family:
     chat_template: str | None
     align_logits: Callable[[torch.Tensor], torch.Tensor]
     shift: int  # 1 where the raw output at i - 1 predicts token i (what align_logits undoes), else 0
-    random_config: Callable[[Mapping[str, Any], Any], Any]  # (model cfg, tokenizer) -> PretrainedConfig
+    random_config: Callable[[ModelCfg, Any], Any]  # (the model section, tokenizer) -> PretrainedConfig
 
     def lora_target_regex(self, targets: Sequence[str]) -> str:
         """A PEFT target_modules regex (full match on module names) for the given targets.
@@ -83,20 +84,19 @@ class Family:
         return rf".*\.{self.layers}\.\d+\.(?:[^.]+\.)*(?:{alternatives})"
 
 
-def _sizes(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    heads = int(cfg["num_heads"])
-    kv = int(cfg.get("num_kv_heads") or heads)
-    hidden = int(cfg["hidden_size"])
+def _sizes(m: ModelCfg) -> dict[str, Any]:
+    heads = m.num_heads
+    kv = m.num_kv_heads or heads
     from dllm_rl.models.tiny import swiglu_width
 
-    inter = cfg.get("intermediate_size")
+    inter = m.intermediate_size
     if inter is None:  # the tiny model's rule, so every family of one size has the same MLP width
-        inter = swiglu_width(hidden)
-    return {"heads": heads, "kv": kv, "hidden": hidden, "inter": int(inter), "layers": int(cfg["num_layers"])}
+        inter = swiglu_width(m.hidden_size)
+    return {"heads": heads, "kv": kv, "hidden": m.hidden_size, "inter": inter, "layers": m.num_layers}
 
 
-def _vocab(cfg: Mapping[str, Any], tokenizer: Any) -> int:
-    return int(cfg.get("vocab_size") or len(tokenizer))
+def _vocab(m: ModelCfg, tokenizer: Any) -> int:
+    return m.vocab_size or len(tokenizer)
 
 
 def _special_ids(tokenizer: Any) -> dict[str, Any]:
@@ -108,25 +108,25 @@ def _special_ids(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def _tiny_config(cfg: Mapping[str, Any], tokenizer: Any) -> Any:
+def _tiny_config(m: ModelCfg, tokenizer: Any) -> Any:
     from dllm_rl.models.tiny import TinyMDLMConfig
 
     return TinyMDLMConfig(
-        vocab_size=_vocab(cfg, tokenizer),
-        hidden_size=int(cfg["hidden_size"]),
-        num_layers=int(cfg["num_layers"]),
-        num_heads=int(cfg["num_heads"]),
-        intermediate_size=cfg.get("intermediate_size"),
-        max_position_embeddings=int(cfg["max_position_embeddings"]),
-        rope_theta=float(cfg.get("rope_theta") or 10000.0),
+        vocab_size=_vocab(m, tokenizer),
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        intermediate_size=m.intermediate_size,
+        max_position_embeddings=m.max_position_embeddings,
+        rope_theta=m.rope_theta or 10000.0,
         **_special_ids(tokenizer),
     )
 
 
-def _llada_config(cfg: Mapping[str, Any], tokenizer: Any) -> Any:
+def _llada_config(m: ModelCfg, tokenizer: Any) -> Any:
     from transformers import AutoConfig
 
-    s, vocab = _sizes(cfg), _vocab(cfg, tokenizer)
+    s, vocab = _sizes(m), _vocab(m, tokenizer)
     return AutoConfig.for_model(
         "llada",
         d_model=s["hidden"],
@@ -136,16 +136,16 @@ def _llada_config(cfg: Mapping[str, Any], tokenizer: Any) -> Any:
         mlp_hidden_size=s["inter"],
         vocab_size=vocab,
         embedding_size=vocab,
-        max_sequence_length=int(cfg["max_position_embeddings"]),
-        rope_theta=float(cfg.get("rope_theta") or 500000.0),
+        max_sequence_length=m.max_position_embeddings,
+        rope_theta=m.rope_theta or 500000.0,
         **_special_ids(tokenizer),
     )
 
 
-def _dream_config(cfg: Mapping[str, Any], tokenizer: Any) -> Any:
+def _dream_config(m: ModelCfg, tokenizer: Any) -> Any:
     from transformers import AutoConfig
 
-    s = _sizes(cfg)
+    s = _sizes(m)
     return AutoConfig.for_model(
         "Dream",
         hidden_size=s["hidden"],
@@ -153,9 +153,9 @@ def _dream_config(cfg: Mapping[str, Any], tokenizer: Any) -> Any:
         num_hidden_layers=s["layers"],
         num_attention_heads=s["heads"],
         num_key_value_heads=s["kv"],
-        vocab_size=_vocab(cfg, tokenizer),
-        max_position_embeddings=int(cfg["max_position_embeddings"]),
-        rope_theta=float(cfg.get("rope_theta") or 1000000.0),
+        vocab_size=_vocab(m, tokenizer),
+        max_position_embeddings=m.max_position_embeddings,
+        rope_theta=m.rope_theta or 1000000.0,
         tie_word_embeddings=False,
         **_special_ids(tokenizer),
     )

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from dllm_rl.config import LoraCfg
 from dllm_rl.errors import ConfigError
 from dllm_rl.models.families import Family, family_of_model_type
 
@@ -256,14 +257,14 @@ def load_tokenizer(path: Path, config: Any, family: Family, chat_template: str =
     return patch_tokenizer(tokenizer, config, family, chat_template, f"model.path={path}")
 
 
-def lora_config(family: Family, lora: Mapping[str, Any]) -> Any:
+def lora_config(family: Family, lora: LoraCfg) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
-        r=int(lora["r"]),
-        lora_alpha=float(lora["alpha"]),
-        lora_dropout=float(lora["dropout"]),
-        target_modules=family.lora_target_regex(list(lora["target_modules"])),
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=family.lora_target_regex(list(lora.target_modules)),
         bias="none",
     )
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from dllm_rl.config import LoraCfg, ModelCfg
 from dllm_rl.errors import ConfigError
 from dllm_rl.kv_cache import WindowKVCache, windowed_logits
 from dllm_rl.models import loading
@@ -120,7 +120,7 @@ class Policy:
         with torch.no_grad():
             return self.family.align_logits(self._reference_copy(**kwargs).logits)
 
-    def apply_lora(self, lora: Mapping[str, Any], quantized: bool = False, seed: int = 0) -> None:
+    def apply_lora(self, lora: LoraCfg, quantized: bool = False, seed: int = 0) -> None:
         """Wrap the network in a fresh PEFT LoRA adapter (model.lora); only the adapter trains.
 
         The adapter's random initialisation (PEFT draws its A matrices from torch's global generator)
@@ -227,18 +227,18 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def build_tiny(model_cfg: Mapping[str, Any], alphabet: str, seed: int) -> Policy:
-    """A freshly initialised network of the model config's family (tiny, llada or dream) and size, with a
+def build_tiny(m: ModelCfg, alphabet: str, seed: int) -> Policy:
+    """A freshly initialised network of the model section's family (tiny, llada or dream) and size, with a
     character tokenizer over ``alphabet`` that carries the family's special tokens and chat template."""
-    family = get_family(str(model_cfg.get("family") or "tiny"))
+    family = get_family(m.family.value)
     tokenizer = build_char_tokenizer(alphabet, family.specials)
-    config = family.random_config(model_cfg, tokenizer)
-    attn = model_cfg.get("attn_implementation") or "sdpa"
+    config = family.random_config(m, tokenizer)
+    attn = m.attn_implementation.value
     # Initialise under a private RNG so building a model never disturbs the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForMaskedLM.from_config(config, attn_implementation=attn if family.name != "tiny" else None)
-    return Policy(model.to(loading.dtype_of(model_cfg["dtype"])), tokenizer, family)
+    return Policy(model.to(loading.dtype_of(m.dtype)), tokenizer, family)
 
 
 def load_pretrained(
@@ -284,14 +284,14 @@ def load_pretrained(
     return Policy(model, tokenizer, family)
 
 
-def load_from_config(path: str | os.PathLike, model_cfg: Mapping[str, Any], trainable: bool = False) -> Policy:
-    """load_pretrained with the loading options of a model config group (model.*)."""
+def load_from_config(path: str | os.PathLike, m: ModelCfg, trainable: bool = False) -> Policy:
+    """load_pretrained with the loading options of the model section (model.*)."""
     return load_pretrained(
         path,
-        model_cfg["dtype"],
-        attn_implementation=model_cfg.get("attn_implementation") or "sdpa",
-        quantization=model_cfg.get("quantization") or "none",
-        chat_template=model_cfg.get("chat_template") or "family",
-        adapter=model_cfg.get("adapter"),
+        m.dtype,
+        attn_implementation=m.attn_implementation.value,
+        quantization=m.quantization.value,
+        chat_template=m.chat_template.value,
+        adapter=m.adapter,
         trainable=trainable,
     )

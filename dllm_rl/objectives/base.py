@@ -1,4 +1,5 @@
-"""What every objective plugs into: the rollout batch, the Objective interface and its registry."""
+"""What every objective plugs into: the rollout batch, the section's base schema (ObjectiveCfg), the Objective
+interface and its registry."""
 
 from __future__ import annotations
 
@@ -9,11 +10,22 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from dllm_rl.config import MaskCfg, MaskKind, ObjectiveCfg, StratifyOver, option, register_schema, typed
+from omegaconf import MISSING
+
 from dllm_rl.errors import ConfigError
 from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.bounds import masked_logp
-from dllm_rl.likelihood.masks import MaskDraw, Stratum, mask_seed, sample_masks
+from dllm_rl.likelihood.masks import (
+    MaskCfg,
+    MaskDraw,
+    MaskKind,
+    StratifyOver,
+    Stratum,
+    check_mask,
+    mask_seed,
+    sample_masks,
+)
+from dllm_rl.schema import option, register_schema, typed
 
 torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 
@@ -62,6 +74,47 @@ def group_mean_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tenso
 def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """A_j = r_j − mean of the other G−1 rewards of its group = G/(G−1)·(r_j − group mean) (RLOO)."""
     return group_mean_advantages(rewards, group_size) * (group_size / (group_size - 1))
+
+
+@dataclass
+class ObjectiveCfg:
+    """What every objective takes (the ``objective`` section); each objective declares its own schema,
+    a subclass of this one, beside its code and registers it with ``@register_objective(name, config=...)``
+    (docs/ARCHITECTURE.md, "Adding an objective")."""
+
+    name: str = MISSING
+    inner_iterations: int = 1
+    mask: MaskCfg = field(default_factory=MaskCfg)
+    forward_chunk: int = 0
+    loss_forward_dropout: bool = True
+    max_nonfinite_frac: float = 0.5
+
+    @classmethod
+    def mask_copies(cls, o: Any) -> int | None:
+        """Masked copies drawn per sequence from ``objective.mask`` (None: the schema has no such count)."""
+        return o.get("mc_samples")
+
+    @classmethod
+    def check(cls, o: Any, sampler: Any, need: Callable[[bool, str], None]) -> None:
+        """The section's rules: ``need(ok, message)`` for each; ``o`` is the composed ``objective`` node (a
+        DictConfig or a plain dict) and ``sampler`` the ``sampler`` one. A schema that adds rules also
+        calls ``super().check``."""
+        mu = o["inner_iterations"]
+        need(mu >= 1, f"objective.inner_iterations={mu} must be >= 1")
+        need(o["forward_chunk"] >= 0, f"objective.forward_chunk={o['forward_chunk']} must be >= 0 (0 = one forward)")
+        need(
+            0.0 <= o["max_nonfinite_frac"] <= 1.0,
+            f"objective.max_nonfinite_frac={o['max_nonfinite_frac']} must be in [0, 1]",
+        )
+        if o.get("mc_samples") is not None:
+            need(o["mc_samples"] >= 1, f"objective.mc_samples={o['mc_samples']} must be >= 1")
+        check_mask(o["mask"], "objective.mask", cls.mask_copies(o), need)
+        if option(o["mask"], "kind") == "blockwise":
+            need(
+                sampler["gen_length"] % o["mask"]["block_len"] == 0,
+                f"objective.mask.block_len={o['mask']['block_len']} must divide "
+                f"sampler.gen_length={sampler['gen_length']}",
+            )
 
 
 class Objective(abc.ABC):
@@ -284,8 +337,9 @@ def register_objective(name: str, config: type[ObjectiveCfg]) -> Callable[[type[
     return wrap
 
 
-def get_objective(cfg: Mapping[str, Any], seed: int, group_size: int, micro_batch: int) -> Objective:
-    name = cfg["name"]
+def get_objective(cfg: Mapping[str, Any] | ObjectiveCfg, seed: int, group_size: int, micro_batch: int) -> Objective:
+    """The registered objective that ``cfg`` (the objective section, typed or plain) names."""
+    name = cfg["name"] if isinstance(cfg, Mapping) else cfg.name
     if name not in OBJECTIVES:
         raise ConfigError(f"objective.name={name!r} is unknown; available: {', '.join(sorted(OBJECTIVES))}")
     return OBJECTIVES[name](cfg, seed, group_size, micro_batch)

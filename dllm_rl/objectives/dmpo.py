@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from dllm_rl.config import MaskCfg, ObjectiveCfg, check_mask, option
 from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.bounds import elbo
-from dllm_rl.objectives.base import Objective, RolloutBatch, finite_or_zero, register_objective
+from dllm_rl.likelihood.masks import MaskCfg, check_mask
+from dllm_rl.objectives.base import Objective, ObjectiveCfg, RolloutBatch, finite_or_zero, register_objective
+from dllm_rl.schema import option
 
 torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 

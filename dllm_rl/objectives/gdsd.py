@@ -30,18 +30,19 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from dllm_rl.config import MaskWeight, ObjectiveCfg, option
 from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.bounds import coupled_score
-from dllm_rl.likelihood.masks import MaskDraw, concat_draws
+from dllm_rl.likelihood.masks import MaskDraw, MaskWeight, concat_draws
 from dllm_rl.objectives.base import (
     Objective,
+    ObjectiveCfg,
     RolloutBatch,
     finite_or_zero,
     leave_one_out_advantages,
     register_objective,
     with_step_zero_placeholder,
 )
+from dllm_rl.schema import option
 
 torch = lazy_import("torch")  # loads on first use (dllm_rl/lazy.py)
 

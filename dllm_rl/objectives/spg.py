@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from dllm_rl.config import ObjectiveCfg
 from dllm_rl.lazy import lazy_import
 from dllm_rl.likelihood.bounds import elbo, eubo, mixture
 from dllm_rl.likelihood.masks import concat_draws
 from dllm_rl.objectives.base import (
     LossNorm,
     Objective,
+    ObjectiveCfg,
     RolloutBatch,
     finite_or_zero,
     metric_weight,

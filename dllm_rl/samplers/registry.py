@@ -6,8 +6,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dllm_rl.config import SCHEMAS, register_schema, typed
 from dllm_rl.errors import ConfigError
+from dllm_rl.schema import SCHEMAS, register_schema, typed
 
 SAMPLERS: dict[str, type] = {}
 
@@ -25,10 +25,11 @@ def register_sampler(name: str, config: type) -> Callable[[type], type]:
     return wrap
 
 
-def get_sampler(cfg: Mapping[str, Any]) -> Any:
-    """Build the sampler named by cfg['name'] from the rest of the sampler config, read through its schema
-    (absent keys take the schema's defaults, every value its declared type; a bad one is a ConfigError)."""
-    name = cfg["name"]
+def get_sampler(cfg: Any) -> Any:
+    """Build the sampler named by the sampler section (typed, or a plain mapping) from the rest of it, read
+    through its schema (absent keys take the schema's defaults, every value its declared type; a bad one is
+    a ConfigError)."""
+    name = cfg["name"] if isinstance(cfg, Mapping) else cfg.name
     if name not in SAMPLERS:
         raise ConfigError(f"sampler.name={name!r} is unknown; available: {', '.join(sorted(SAMPLERS))}")
     section = typed(SCHEMAS["sampler"][name], cfg, "sampler")

@@ -1,4 +1,5 @@
-"""Task interface, registry and the data-loading helpers every task shares.
+"""Task interface, the base of every task's schema (TaskCfg), the registry and the data-loading helpers every
+task shares.
 
 A task owns its data (train / validation / test splits as HF datasets), its training reward and its
 evaluation metrics. Every split has two prompt columns, because the papers train and evaluate with
@@ -16,17 +17,21 @@ from __future__ import annotations
 
 import abc
 import csv
+import dataclasses
 import functools
 import io
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from dllm_rl.config import ON_BAD_REWARD, TaskCfg, register_schema
+from omegaconf import MISSING
+
 from dllm_rl.errors import ConfigError, DllmRlError
 from dllm_rl.lazy import lazy_import
+from dllm_rl.schema import plain, register_schema
 from dllm_rl.tasks.rewards import RewardFn, as_reward, describe, resolve_reward, reward_parts
 
 # Loaded on first use (dllm_rl/lazy.py): composing a config imports every task for its schema.
@@ -45,6 +50,80 @@ SYSTEM_PROMPT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoni
 CHAT_ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\n"
 
 
+PROMPT_OVERFLOW = ("drop", "error", "left_truncate")
+ON_BAD_REWARD = ("error", "zero")
+
+
+@dataclass
+class TaskCfg:
+    """What every task takes (the ``task`` section); each task declares its own schema, a subclass of this
+    one, beside its code and registers it with ``@register_task(name, config=...)`` (dllm_rl/tasks/base.py)."""
+
+    # the prompt styles the task can write (compact: literal model input; chat: a user message)
+    prompt_styles: ClassVar[tuple[str, ...]] = ("compact", "chat")
+
+    name: str = MISSING
+    # rollout decoding: L tokens, B per block, T denoising steps (the sampler group reads these)
+    completion_length: int = MISSING
+    block_length: int = MISSING
+    diffusion_steps: int = MISSING
+    # seed of the task's data: the generator's splits, or the held-out validation rows of a file or hub set
+    seed: int = 42
+    # compact: the prompt is the literal model input (character-level models); chat: a user message for the tokenizer's
+    # chat template, the answer read from <answer> tags (docs/tasks.md, "Common rules")
+    prompt_style: str = "compact"
+    # reward functions (registered names or module:function); null = the task's own
+    rewards: list[str] | None = None
+    # a reward value that is not a finite number: error (stop, naming function and sample) | zero
+    on_bad_reward: str = "error"
+    # held-out training-side rows for checkpoint selection (never the test split)
+    validation_size: int = 256
+    # evaluation protocol (python -m dllm_rl.evaluate): lengths, subset of the test split
+    eval_gen_lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
+    # test examples python -m dllm_rl.evaluate scores (null = all; d1 evaluates 256 of its 500 Sudoku puzzles)
+    eval_subset_size: int | None = None
+    # seed of that subset (d1: np.random.seed(42), then choice)
+    eval_subset_seed: int = 42
+    # prompts longer than this many tokens: drop (count them) | error | left_truncate; null = no cap
+    max_prompt_tokens: int | None = None
+    # what happens to them: drop (and count), error, or left_truncate (the reference's behaviour)
+    on_prompt_overflow: str = "drop"
+    # supervised steps the embedded tiny model gets on this task (warmstart.steps follows it)
+    warmstart_steps: int = 100
+
+    @classmethod
+    def check(cls, t: Any, need: Callable[[bool, str], None]) -> None:
+        """The section's rules: ``need(ok, message)`` for each; ``t`` is the ``task`` node (a DictConfig or a
+        plain dict, keys absent from it taking the schema's defaults). A schema that adds rules also calls
+        ``super().check``."""
+        need(
+            t.get("on_prompt_overflow", "drop") in PROMPT_OVERFLOW,
+            f"task.on_prompt_overflow={t.get('on_prompt_overflow')!r} must be drop, error or left_truncate",
+        )
+        need(
+            t.get("on_bad_reward", "error") in ON_BAD_REWARD,
+            f"task.on_bad_reward={t.get('on_bad_reward')!r} must be error or zero",
+        )
+        cap = t.get("max_prompt_tokens")
+        need(cap is None or cap >= 1, f"task.max_prompt_tokens={cap} must be >= 1 (or null: no cap)")
+        style = t.get("prompt_style", cls.prompt_style)
+        need(
+            style in cls.prompt_styles,
+            f"task.prompt_style={style!r}: task {t.get('name', cls.name)} has {', '.join(cls.prompt_styles)}",
+        )
+        subset = t.get("eval_subset_size")
+        need(subset is None or subset >= 1, f"task.eval_subset_size={subset} must be >= 1 (or null: all)")
+        for split in ("train", "validation", "test"):
+            size = t.get(f"{split}_size")
+            if size is not None and t.get(f"{split}_file") is None:
+                need(size >= 1, f"task.{split}_size={size} must be >= 1 (the {split} split would be empty)")
+        sizes = [t.get(f"{split}_size") for split in ("train", "validation", "test")]
+        need(
+            t.get("seed", cls.seed) >= 0 and all(size >= 0 for size in sizes if size is not None),
+            "task.seed and task.*_size must be non-negative",
+        )
+
+
 class DataError(DllmRlError, ValueError):
     """A data file or row is malformed; message names the file and the 1-based row."""
 
@@ -57,9 +136,10 @@ class Task(abc.ABC):
     primary_metric: str = ""  # key of metrics() used as "the" metric
     prompt_styles: tuple[str, ...] = TaskCfg.prompt_styles  # the styles it can write: its schema's (register_task)
 
-    def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path) -> None:
-        # Copy so later mutation of the caller's config cannot change this task's behaviour.
-        self.cfg: dict[str, Any] = dict(cfg or {})
+    def __init__(self, cfg: Mapping[str, Any] | TaskCfg, cache_dir: str | Path) -> None:
+        # The task section as plain values (from its schema's dataclass, as a run passes it, or a mapping),
+        # copied so that later mutation of the caller's config cannot change this task's behaviour.
+        self.cfg: dict[str, Any] = plain(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg or {})
         self.cache_dir = Path(cache_dir)
         self.prompt_style = str(self.cfg.get("prompt_style", self.prompt_styles[0]))
         if self.prompt_style not in self.prompt_styles:
@@ -223,7 +303,7 @@ def check_values(schema: type[TaskCfg], values: Mapping[str, Any]) -> None:
         raise ConfigError("; ".join(errors))
 
 
-def get_task(name: str, cfg: Mapping[str, Any], cache_dir: str | Path) -> Task:
+def get_task(name: str, cfg: Mapping[str, Any] | TaskCfg, cache_dir: str | Path) -> Task:
     """Instantiate the registered task `name`; ConfigError listing the available names if unknown."""
     cls = TASKS.get(name)
     if cls is None:

@@ -41,7 +41,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from dllm_rl.config import TaskCfg
 from dllm_rl.errors import ConfigError
 from dllm_rl.lazy import lazy_import
 from dllm_rl.tasks.arith import (
@@ -56,6 +55,7 @@ from dllm_rl.tasks.base import (
     SYSTEM_PROMPT,
     DataError,
     Task,
+    TaskCfg,
     carve_validation,
     check_rows,
     check_split,

@@ -22,11 +22,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from dllm_rl.config import SCHEMAS, TaskCfg, option
 from dllm_rl.lazy import lazy_import
+from dllm_rl.schema import SCHEMAS, option
 from dllm_rl.tasks.base import (
     DataError,
     Task,
+    TaskCfg,
     carve_validation,
     check_rows,
     check_split,

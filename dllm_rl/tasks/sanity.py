@@ -34,9 +34,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from dllm_rl.config import TaskCfg
 from dllm_rl.lazy import lazy_import
-from dllm_rl.tasks.base import SPLITS, Task, check_split, check_values, register_task
+from dllm_rl.tasks.base import SPLITS, Task, TaskCfg, check_split, check_values, register_task
 from dllm_rl.tasks.rewards import RewardFn, clip_text, register_reward
 
 datasets = lazy_import("datasets")  # loads on first use (dllm_rl/lazy.py)

@@ -26,12 +26,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dllm_rl.config import TaskCfg
 from dllm_rl.lazy import lazy_import
 from dllm_rl.tasks.base import (
     SPLITS,
     DataError,
     Task,
+    TaskCfg,
     carve_validation,
     check_csv,
     check_split,
