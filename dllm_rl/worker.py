@@ -21,7 +21,7 @@ import yaml
 from dllm_rl import checkpoint, rundir
 from dllm_rl.build import build_policy, build_training, quiet_libraries
 from dllm_rl.checkpoint import write_text_atomic
-from dllm_rl.config import CheckpointCfg, run_config, world_size
+from dllm_rl.config import CheckpointCfg, RunConfig, run_config, world_size
 from dllm_rl.console import detach_library_loggers, exit_preempted, library_output_to
 from dllm_rl.distributed import (
     barrier,
@@ -35,6 +35,7 @@ from dllm_rl.distributed import (
 )
 from dllm_rl.errors import DllmRlError, Preempted
 from dllm_rl.preemption import StopRequests
+from dllm_rl.schema import plain
 from dllm_rl.tasks import get_task
 from dllm_rl.tracking import Tracker
 from dllm_rl.trainer import Trainer
@@ -124,9 +125,9 @@ def resume_point(ccfg: CheckpointCfg, run_dir: Path) -> Path | None:
     return path
 
 
-def run(resolved: dict[str, Any]) -> dict[str, Any]:
-    """Train one run described by the resolved config (the plain dict of config.yaml); returns (and rank 0
-    writes) the summary.
+def run(resolved: dict[str, Any] | RunConfig) -> dict[str, Any]:
+    """Train one run described by the resolved config (the plain dict of config.yaml, or that config typed);
+    returns (and rank 0 writes) the summary.
 
     Collective: with several processes every rank calls it (torch.distributed comes from the
     environment: elastic launch, torchrun or SLURM). A run directory that holds checkpoints continues
@@ -181,7 +182,7 @@ def run(resolved: dict[str, Any]) -> dict[str, Any]:
         else:
             step, wandb_id = None, None
         tracker = Tracker(
-            run_dir, cfg.logging, main, resume_step=step, wandb_id=wandb_id, run_name=cfg.run_name, config=resolved
+            run_dir, cfg.logging, main, resume_step=step, wandb_id=wandb_id, run_name=cfg.run_name, config=plain(cfg)
         )
         status = {**status, "status": "running", "resumed_from": None if resume is None else str(resume)}
         if main:
