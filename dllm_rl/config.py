@@ -693,9 +693,9 @@ def run_config(plain: Any) -> RunConfig:
     for group in COMPONENT_GROUPS:
         node = getattr(cfg, group)
         name = node.get("name") if isinstance(node, dict) else getattr(node, "name", None)
-        schema = SCHEMAS.get(group, {}).get(name)
+        schema = SCHEMAS[group].get(name)
         if schema is None:
-            known = ", ".join(sorted(SCHEMAS.get(group, {}))) or "(none)"
+            known = ", ".join(sorted(SCHEMAS[group])) or "(none)"
             raise ConfigError(f"{group}.name={name!r} is unknown; available: {known}")
         setattr(cfg, group, typed(schema, node, group))
     return cfg

@@ -130,9 +130,9 @@ def _why_no_best(run_dir: Path) -> str:
     return f"the export of step {best.get('step')} (best on validation) is missing"
 
 
-def run(resolved: dict[str, Any]) -> dict[str, Any]:
+def run(resolved: dict[str, Any] | RunConfig) -> dict[str, Any]:
     """Evaluate in this process (one rank of several, or alone); rank 0 writes and returns the result.
-    ``resolved`` is the plain config (config.yaml); the run reads it typed (config.run_config)."""
+    ``resolved`` is the plain config (config.yaml), or that config typed (config.run_config)."""
     import torch.distributed as dist
 
     from dllm_rl import evaluation
@@ -244,9 +244,10 @@ def run(resolved: dict[str, Any]) -> dict[str, Any]:
 
 def launch(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run ``run`` in this process, or in cluster.nproc processes started by torch elastic launch."""
-    nproc = run_config(cfg).cluster.nproc
+    typed = run_config(cfg)
+    nproc = typed.cluster.nproc
     if nproc == 1:
-        return run(cfg)
+        return run(typed)
     from torch.distributed.launcher.api import elastic_launch
 
     from dllm_rl.distributed import local_launch_config

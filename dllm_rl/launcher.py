@@ -92,22 +92,21 @@ def worker_command(config_path: Path, nproc: int, nodes: int = 1) -> str:
     return f"torchrun --standalone --nproc_per_node {nproc} -m dllm_rl.worker {path}"
 
 
-def start(cfg: dict[str, Any], run: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | None:
+def start(cfg: dict[str, Any], run: Callable[[Any], dict[str, Any]]) -> dict[str, Any] | None:
     """Run the resolved config here, or in the processes it asks for; rank 0's summary (None elsewhere).
 
-    ``run`` is the worker's entry, ``dllm_rl.worker.run``: the caller passes it, so that the launcher
-    imports no training code (and the worker's command line can use the launcher).
+    ``run`` is the worker's entry, ``dllm_rl.worker.run``, called here with the config typed and in spawned
+    workers with the plain dict. The caller passes it, so that the launcher imports no training code (and
+    the worker's command line can use the launcher).
 
     The process of global rank 0 holds the run directory's lock meanwhile (dllm_rl/rundir.py): this
     process when it runs alone or spawns the workers, rank 0 of a torchrun or SLURM job otherwise."""
-    typed = run_config(cfg)  # what this process reads; the plain dict is what the workers get
+    typed = run_config(cfg)  # what this process and ``run`` read; the plain dict is what spawned workers get
     with rundir.owner_lock(typed.run_dir, global_rank() == 0):
         return _start(cfg, typed, run)
 
 
-def _start(
-    cfg: dict[str, Any], typed: RunConfig, run: Callable[[dict[str, Any]], dict[str, Any]]
-) -> dict[str, Any] | None:
+def _start(cfg: dict[str, Any], typed: RunConfig, run: Callable[[Any], dict[str, Any]]) -> dict[str, Any] | None:
     done = rundir.finished_summary(typed.checkpoint.resume_mode, Path(typed.run_dir))
     if done is not None:  # a finished run directory (resume_mode=auto): nothing to start
         log.info("%s already finished (status.json: done); nothing to resume", typed.run_dir)
@@ -115,18 +114,18 @@ def _start(
     if externally_launched():
         if in_slurm_task():
             export_slurm_environment(typed.cluster)
-        return run(cfg)
+        return run(typed)
     if typed.cluster.launcher == "slurm":
         raise ConfigError(
             "cluster.launcher=slurm outside a SLURM task: submit with cluster=slurm (Hydra's submitit "
             "launcher) or srun the worker from an sbatch script (launch/sbatch_example.sh)"
         )
     if typed.cluster.nproc == 1:
-        return run(cfg)
+        return run(typed)
     return _elastic(cfg, typed, run)
 
 
-def _elastic(cfg: dict[str, Any], typed: RunConfig, run: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+def _elastic(cfg: dict[str, Any], typed: RunConfig, run: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
     """nproc spawned workers on this machine; a worker's user-facing error comes back as one line."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
